@@ -1,0 +1,50 @@
+"""The controller actor: the gManager. Keeps the debt ledger from heartbeats and proposes
+creditors to instances that run low. It is never on the per-token path: instances cache their
+block tables and call it only to borrow (a chunk of blocks at a time)."""
+
+from __future__ import annotations
+
+import threading
+
+from fabric.ledger import Ledger
+from fabric.messages import Heartbeat
+
+
+class ControllerActor:
+    def __init__(self, min_free_fraction: float, lending_enabled: bool):
+        self.ledger = Ledger(min_free_fraction=min_free_fraction)
+        self.lending_enabled = lending_enabled
+        self.lock = threading.Lock()
+        self.num_borrow_events = 0
+        self.num_blocks_borrowed_total = 0
+        self.num_calls = {"heartbeat": 0, "propose_creditors": 0}
+        self.scale_events: list[dict] = []
+        self.replicas = 0
+
+    def heartbeat(self, hb: dict) -> None:
+        with self.lock:
+            self.num_calls["heartbeat"] += 1
+            self.ledger.update(Heartbeat.from_dict(hb))
+
+    def propose_creditors(self, debtor: int, num_blocks: int, exclude: list[int]) -> list[tuple[int, int]]:
+        with self.lock:
+            self.num_calls["propose_creditors"] += 1
+            if not self.lending_enabled:
+                return []
+            return [tuple(g) for g in self.ledger.propose_creditors(debtor, num_blocks, exclude)]
+
+    def note_borrow(self, debtor: int, num_blocks: int) -> None:
+        with self.lock:
+            self.num_borrow_events += 1
+            self.num_blocks_borrowed_total += num_blocks
+
+    def remove_instance(self, instance_id: int) -> None:
+        with self.lock:
+            self.ledger.remove_instance(instance_id)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"lending": {"borrow_events": self.num_borrow_events,
+                                "blocks_borrowed_total": self.num_blocks_borrowed_total},
+                    "calls": dict(self.num_calls),
+                    "ledger": self.ledger.snapshot()}

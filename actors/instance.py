@@ -1,0 +1,289 @@
+"""The inference-instance actor: hosts one `Engine`, its KV pool and rManager.
+
+Threads inside the actor (a threaded Ray actor):
+- the engine loop: borrows ahead when its requests need more blocks than it has (Ray calls to
+  the controller and a creditor, never under the books lock), then runs one step under the lock;
+- the transport's service thread: answers creditors' attention micro-tasks over the blocks this
+  instance lends, concurrently with its own steps (disjoint blocks; never takes the lock);
+- Ray call threads: `generate` (waits for its requests), `lend` / `reclaim` (under the lock),
+  `stats`; and a heartbeat thread feeding the controller's ledger.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import ray
+import torch
+
+from fabric.config import FabricConfig, load_config
+from fabric.distattn import PartialJob, partial_on_shard
+from fabric.context import Shard
+from fabric.engine import Engine
+from fabric.errors import FabricError, RequestError
+from fabric.messages import Heartbeat
+from fabric.model import load_model
+from fabric.rmanager import BlockRef
+from fabric.sequence import SamplingParams
+
+BORROW_CHUNK = 8      # blocks borrowed at least per borrow event: keeps control calls off the token path
+
+
+class InstanceActor:
+    def __init__(self, instance_id: int, config: dict, controller_name: str, namespace: str):
+        self.cfg: FabricConfig = load_config(config)
+        self.id = instance_id
+        self.controller = ray.get_actor(controller_name, namespace=namespace)
+        self.engine = self._build_engine()
+        self.lock = threading.RLock()
+        self.inbox: queue.Queue = queue.Queue()
+        self.waiters: dict[str, tuple[threading.Event, dict]] = {}
+        self.wake = threading.Event()
+        self.stopped = False
+        self.transport = None
+        self.peers: list = []
+        self.num_controller_calls = 0
+        self.num_blocks_borrowed_total = 0
+        self.num_remote_partials_served = 0
+        self.started = time.perf_counter()
+        self._hb_seq = 0
+        threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
+
+    def _build_engine(self) -> Engine:
+        m, inst = self.cfg.model, self.cfg.instances
+        device = "cuda" if inst.device == "cuda" else "cpu"
+        model = load_model(m.preset, m.path, m.dtype, m.seed, device)
+        lend = self.cfg.lending
+        return Engine(model, inst.kv_blocks, inst.block_size, instance_id=self.id,
+                      max_num_seqs=inst.max_num_seqs, max_batch_tokens=inst.max_batch_tokens,
+                      max_lend_fraction=lend.max_lend_fraction, min_free_fraction=lend.min_free_fraction)
+
+    # ---- set-up --------------------------------------------------------------------------
+    def info(self) -> dict:
+        args = self.engine.args
+        return {"id": self.id, "node": ray.get_runtime_context().get_node_id(),
+                "ip": ray.util.get_node_ip_address(), "vocab_size": args.vocab_size,
+                "eos_token_id": args.eos_token_id, "max_position_embeddings": args.max_position_embeddings,
+                "architecture": args.architecture, "kv_blocks": self.engine.rm.num_blocks,
+                "block_size": self.engine.rm.block_size, "lend_cap": self.engine.rm.lend_cap,
+                "min_free": self.engine.rm.min_free, "num_layers": args.num_layers}
+
+    def free_port(self) -> int:
+        from actors.transport import find_free_port
+
+        return find_free_port()
+
+    def connect(self, world_size: int, master_addr: str, master_port: int, backend: str,
+                peers: list, max_request_blocks: int) -> bool:
+        """Join the fabric's data plane (all instances call this concurrently)."""
+        from actors.transport import create_transport
+
+        self.peers = peers
+        self.engine.max_request_blocks = max_request_blocks
+        self.transport = create_transport(backend, rank=self.id, world_size=world_size,
+                                          master_addr=master_addr, master_port=master_port, peers=peers)
+        self.transport.start(self._serve)
+        self.engine.remote = TransportPartials(self.transport)
+        if self.cfg.lending.enabled:
+            self.engine.rm.release_fn = self._release
+        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        return True
+
+    def _transport_handle(self, src: int, meta: bytes, payload):
+        return self.transport.handle_ray_call(src, meta, payload)
+
+    # ---- requests ------------------------------------------------------------------------
+    def generate(self, requests: list[dict]) -> list[dict]:
+        """Run `requests` ({id, prompt, max_new_tokens, temperature, seed, ignore_eos}) to the end.
+        A bad request yields {"id", "error", "error_type"} without touching the others."""
+        events = []
+        for r in requests:
+            ev, slot = threading.Event(), {}
+            try:
+                params = SamplingParams(r.get("max_new_tokens", 16), r.get("temperature", 0.0),
+                                        r.get("seed"), r.get("ignore_eos", False))
+                self.engine.validate(r["prompt"], params)
+                self.waiters[r["id"]] = (ev, slot)
+                self.inbox.put((r["id"], r["prompt"], params))
+            except FabricError as e:
+                slot.update(id=r["id"], error=str(e), error_type=type(e).__name__)
+                ev.set()
+            events.append((ev, slot))
+        self.wake.set()
+        for ev, _ in events:
+            ev.wait()
+        return [slot for _, slot in events]
+
+    def _loop(self) -> None:
+        while not self.stopped:
+            self._admit()
+            if not self.engine.has_unfinished():
+                self._release_idle_spares()
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            self._borrow_ahead()
+            with self.lock:
+                try:
+                    _, finished = self.engine.step()
+                except Exception as e:           # never lose requests silently
+                    self._fail_all(e)
+                    continue
+            for seq in finished:
+                self._finish(seq)
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                req_id, prompt, params = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                with self.lock:
+                    self.engine.add_request(prompt, params, req_id=req_id)
+            except FabricError as e:
+                ev, slot = self.waiters.pop(req_id)
+                slot.update(id=req_id, error=str(e), error_type=type(e).__name__)
+                ev.set()
+
+    def _finish(self, seq) -> None:
+        ev, slot = self.waiters.pop(seq.req_id)
+        slot.update(id=seq.req_id, tokens=list(seq.output), finish_reason=seq.finish_reason,
+                    metrics=seq.metrics(), home=self.id)
+        ev.set()
+
+    def _fail_all(self, exc: Exception) -> None:
+        for req_id in list(self.engine.seqs):
+            seq = self.engine.seqs[req_id]
+            self.engine.abort(req_id)
+            ev, slot = self.waiters.pop(seq.req_id)
+            slot.update(id=req_id, error=f"instance {self.id} failed: {exc!r}", error_type="FabricError")
+            ev.set()
+
+    # ---- borrowing (debtor side) ---------------------------------------------------------
+    def _borrow_ahead(self) -> None:
+        if not self.cfg.lending.enabled or self.transport is None:
+            return
+        with self.lock:
+            rm = self.engine.rm
+            short = self.engine.scheduler.num_blocks_wanted() - rm.num_free - rm.num_spare
+        if short > 0:
+            self._borrow(max(short, BORROW_CHUNK))
+
+    def _borrow(self, n: int) -> None:
+        """Ask the controller for creditors, reserve on each before any byte moves; a refused
+        reservation is re-planned with that creditor excluded."""
+        exclude: list[int] = []
+        got: list[BlockRef] = []
+        for _ in range(4):
+            self.num_controller_calls += 1
+            grants = ray.get(self.controller.propose_creditors.remote(self.id, n - len(got), exclude))
+            if not grants:
+                break
+            for creditor, k in grants:
+                ids = ray.get(self.peers[creditor].lend.remote(self.id, k))
+                if len(ids) < k:
+                    exclude.append(creditor)
+                got += [BlockRef(creditor, b) for b in ids]
+            if len(got) >= n:
+                break
+        if got:
+            with self.lock:
+                self.engine.rm.add_borrowed(got)
+            self.num_blocks_borrowed_total += len(got)
+            self.controller.note_borrow.remote(self.id, len(got))
+
+    def _release(self, creditor: int, ids: list[int]) -> None:
+        self.peers[creditor].reclaim.remote(self.id, ids)
+
+    def _release_idle_spares(self) -> None:
+        with self.lock:
+            if self.engine.rm.num_spare:
+                self.engine.rm.release_spares(keep=0)
+
+    # ---- lending (creditor side) ---------------------------------------------------------
+    def lend(self, debtor: int, n: int) -> list[int]:
+        with self.lock:
+            return self.engine.rm.lend(debtor, n)
+
+    def reclaim(self, debtor: int, ids: list[int]) -> None:
+        with self.lock:
+            self.engine.rm.reclaim(debtor, ids)
+
+    def _serve(self, src: int, meta: dict, tensors: list[torch.Tensor]):
+        """A debtor's attention micro-task over blocks this instance holds for it."""
+        if meta.get("op") != "attn":
+            raise ValueError(f"unknown op {meta.get('op')!r}")
+        q, k_new, v_new, slots, tables, kv_lens, cu = tensors
+        used = tables[tables >= 0].tolist()
+        written = (slots // self.engine.rm.block_size).tolist()
+        if not self.engine.rm.holds_for(src, used + written):
+            raise ValueError(f"instance {src} touched blocks it did not borrow here")
+        dev = self.engine.device
+        shard = Shard(self.id, None, tables.to(dev), kv_lens.to(dev), cu.to(dev), None,
+                      slots.to(dev), bool(meta["decode"]))
+        out, lse = partial_on_shard(self.engine.kv, int(meta["layer"]), q.to(dev), k_new.to(dev),
+                                    v_new.to(dev), shard, self.engine.scale, self.engine.backend)
+        self.num_remote_partials_served += 1
+        return {}, [out, lse]
+
+    # ---- books for the controller and stats ------------------------------------------------
+    def _heartbeats(self) -> None:
+        while not self.stopped:
+            try:
+                self.controller.heartbeat.remote(self.heartbeat())
+            except Exception:
+                pass
+            time.sleep(self.cfg.lending.heartbeat_s)
+
+    def heartbeat(self) -> dict:
+        with self.lock:
+            rm = self.engine.rm
+            self._hb_seq += 1
+            return Heartbeat(instance_id=self.id, node=ray.get_runtime_context().get_node_id(),
+                             blocks_total=rm.num_blocks, blocks_free=rm.num_free,
+                             blocks_lent=rm.num_lent, blocks_borrowed=rm.num_borrowed,
+                             lend_cap=rm.lend_cap, load=float(self.engine.scheduler.num_unfinished),
+                             num_waiting=len(self.engine.scheduler.waiting),
+                             creditors=rm.creditors(), debtors=rm.debtors(), seq=self._hb_seq).to_dict()
+
+    def stats(self) -> dict:
+        with self.lock:
+            rm = self.engine.rm
+            rm.check_integrity()
+            return {"id": self.id, "node": ray.get_runtime_context().get_node_id(),
+                    "blocks_total": rm.num_blocks, "blocks_free": rm.num_free,
+                    "blocks_lent": rm.num_lent, "blocks_borrowed": rm.num_borrowed,
+                    "num_running": len(self.engine.scheduler.running),
+                    "num_waiting": len(self.engine.scheduler.waiting),
+                    "num_generated": self.engine.num_generated, "num_steps": self.engine.num_steps,
+                    "borrow_events": rm.num_borrow_events,
+                    "blocks_borrowed_total": self.num_blocks_borrowed_total,
+                    "controller_calls": self.num_controller_calls,
+                    "remote_partials_served": self.num_remote_partials_served,
+                    "transport": self.transport.stats() if self.transport else {}}
+
+    def shutdown(self) -> None:
+        self.stopped = True
+        self.wake.set()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class TransportPartials:
+    """`RemotePartials` over the fabric's transport: one batched call per creditor per layer."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partials")
+
+    def submit(self, layer: int, jobs: dict[int, PartialJob]) -> Future:
+        calls = [(inst, {"op": "attn", "layer": layer, "decode": job.shard.is_decode},
+                  [job.q, job.k_new, job.v_new, job.shard.write_slots, job.shard.block_tables,
+                   job.shard.kv_lens, job.shard.cu_seqlens]) for inst, job in jobs.items()]
+        insts = list(jobs)
+        return self.pool.submit(lambda: {i: tuple(r[1]) for i, r in
+                                         zip(insts, self.transport.call_many(calls))})

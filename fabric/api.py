@@ -1,0 +1,204 @@
+"""The public handle: `start`, `connect`, and `Fabric.generate / stats / scale / shutdown`.
+
+Imports `ray` lazily: only this module touches it, and only when a fabric starts.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from fabric.config import FabricConfig, load_config
+from fabric.engine import check_capacity, check_request
+from fabric.errors import ConfigError, FabricError, RequestError
+from fabric.result import Result
+from fabric.sequence import SamplingParams
+from fabric.tokenizer import ByteTokenizer
+
+NAMESPACE = "kv-fabric"
+
+
+def _actor_names(name: str, count: int) -> tuple[str, list[str]]:
+    return f"kvfabric-{name}-controller", [f"kvfabric-{name}-instance-{i}" for i in range(count)]
+
+
+def _init_ray(address: str | None, cfg: FabricConfig) -> bool:
+    """Connect or start Ray; True when this call started an embedded cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        num_cpus = max(os.cpu_count() or 1, int(cfg.instances.count * cfg.instances.num_cpus) + 2)
+        ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+        return True
+    ray.init(address=address, namespace=NAMESPACE)
+    return False
+
+
+def start(config=None, *, address: str | None = None, name: str | None = None,
+          detached: bool = False) -> "Fabric":
+    import ray
+
+    from actors.controller import ControllerActor
+    from actors.instance import InstanceActor
+
+    cfg = load_config(config)
+    owns_ray = _init_ray(address, cfg)
+    name = name or uuid.uuid4().hex[:8]
+    ctrl_name, inst_names = _actor_names(name, cfg.instances.count)
+    lifetime = "detached" if detached else None
+    controller = ray.remote(ControllerActor).options(
+        name=ctrl_name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=0, max_concurrency=16,
+    ).remote(cfg.lending.min_free_fraction, cfg.lending.enabled)
+    gpus = 1 if cfg.instances.device == "cuda" else 0
+    instances = [ray.remote(InstanceActor).options(
+        name=n, namespace=NAMESPACE, lifetime=lifetime, num_cpus=cfg.instances.num_cpus,
+        num_gpus=gpus, max_concurrency=64, scheduling_strategy="SPREAD",
+    ).remote(i, cfg.to_dict(), ctrl_name, NAMESPACE) for i, n in enumerate(inst_names)]
+    fab = Fabric(name, cfg, controller, instances, owns_ray)
+    fab._connect_data_plane()
+    return fab
+
+
+def connect(name: str, *, address: str | None = None) -> "Fabric":
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", namespace=NAMESPACE)
+    ctrl_name, _ = _actor_names(name, 0)
+    try:
+        controller = ray.get_actor(ctrl_name, namespace=NAMESPACE)
+    except ValueError:
+        raise FabricError(f"no fabric named {name!r} is running") from None
+    cfg = load_config(ray.get(controller.config.remote()))
+    _, inst_names = _actor_names(name, cfg.instances.count)
+    instances = [ray.get_actor(n, namespace=NAMESPACE) for n in inst_names]
+    return Fabric(name, cfg, controller, instances, owns_ray=False)
+
+
+class Fabric:
+    """A running fabric: one controller actor and `instances.count` instance actors."""
+
+    def __init__(self, name: str, cfg: FabricConfig, controller, instances: list, owns_ray: bool):
+        import ray
+
+        self.name, self.cfg, self.controller, self.instances = name, cfg, controller, instances
+        self._owns_ray = owns_ray
+        self.infos = ray.get([a.info.remote() for a in instances])
+        info = self.infos[0]
+        self.vocab_size, self.max_positions = info["vocab_size"], info["max_position_embeddings"]
+        self.block_size = info["block_size"]
+        self.max_request_blocks = self._max_request_blocks()
+        self.tokenizer = self._tokenizer()
+        self._next_home = 0
+
+    def _max_request_blocks(self) -> int:
+        """The largest request an empty fabric can hold: its home's whole pool plus what every
+        other instance may lend when empty."""
+        own = [i["kv_blocks"] for i in self.infos]
+        if not self.cfg.lending.enabled or len(own) == 1:
+            return max(own)
+        lendable = [min(i["kv_blocks"] - i["min_free"], i["lend_cap"]) for i in self.infos]
+        return max(o + sum(lendable) - lendable[k] for k, o in enumerate(own))
+
+    def _tokenizer(self):
+        path = self.cfg.model.path
+        if path is None:
+            return ByteTokenizer(self.vocab_size)
+        if os.path.isfile(os.path.join(path, "tokenizer.json")) or \
+                os.path.isfile(os.path.join(path, "tokenizer.model")):
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(path)
+        return None
+
+    def _connect_data_plane(self) -> None:
+        import ray
+
+        backend = {"auto": "torch"}.get(self.cfg.transport.backend, self.cfg.transport.backend)
+        port = ray.get(self.instances[0].free_port.remote())
+        ray.get([a.connect.remote(len(self.instances), self.infos[0]["ip"], port, backend,
+                                  self.instances, self.max_request_blocks) for a in self.instances])
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(self, prompts, *, max_new_tokens: int = 16, temperature: float = 0.0,
+                 seed: int | None = None, ignore_eos: bool = False) -> list[Result]:
+        """Generate for each prompt (token ids or text). Greedy when temperature is 0.
+
+        Every request is checked before any work starts: a bad one raises `RequestError`
+        (`CapacityError` if it cannot fit in the whole fabric) and nothing is run."""
+        import ray
+
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise RequestError("prompts must be a list of prompts (token-id lists or strings)")
+        params = SamplingParams(max_new_tokens, temperature, seed, ignore_eos)
+        reqs = [self._request(i, p, params) for i, p in enumerate(prompts)]
+        groups: dict[int, list[dict]] = {}
+        for r in reqs:
+            groups.setdefault(self._pick_home(), []).append(r)
+        refs = {h: self.instances[h].generate.remote(rs) for h, rs in groups.items()}
+        done = {d["id"]: d for out in ray.get(list(refs.values())) for d in out}
+        return [self._result(done[r["id"]]) for r in reqs]
+
+    def _request(self, index: int, prompt, params: SamplingParams) -> dict:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError(f"prompt {index} is text but the checkpoint has no tokenizer")
+            prompt = list(self.tokenizer.encode(prompt))
+        try:
+            check_request(prompt, params, self.vocab_size, self.max_positions)
+            check_capacity(len(prompt) + params.max_new_tokens, self.block_size, self.max_request_blocks)
+        except FabricError as e:
+            raise type(e)(f"prompt {index}: {e}") from None
+        return {"id": uuid.uuid4().hex, "prompt": list(prompt), "max_new_tokens": params.max_new_tokens,
+                "temperature": float(params.temperature), "seed": params.seed,
+                "ignore_eos": params.ignore_eos}
+
+    def _pick_home(self) -> int:
+        home = self._next_home
+        self._next_home = (home + 1) % len(self.instances)
+        return home
+
+    def _result(self, d: dict) -> Result:
+        if "error" in d:
+            raise RequestError(d["error"]) if d["error_type"] == "RequestError" else FabricError(d["error"])
+        text = self.tokenizer.decode(d["tokens"]) if self.tokenizer is not None else ""
+        return Result(tokens=d["tokens"], text=text, finish_reason=d["finish_reason"],
+                      metrics=d["metrics"], request_id=d["id"], home=d["home"])
+
+    # ---- observation and control -----------------------------------------------------------
+    def stats(self) -> dict:
+        import ray
+
+        inst = ray.get([a.stats.remote() for a in self.instances])
+        ctrl = ray.get(self.controller.stats.remote())
+        keys = ("id", "node", "blocks_total", "blocks_free", "blocks_lent", "blocks_borrowed")
+        return {"instances": [{k: s[k] for k in keys} | {"detail": s} for s in inst],
+                "lending": ctrl["lending"],
+                "elastic": {"replicas": len(self.instances), "scale_events": []},
+                "controller": {"calls": ctrl["calls"]}}
+
+    def scale(self, replicas: int) -> dict:
+        raise FabricError("elastic scaling is not available in this release")
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.instances:
+            try:
+                ray.get(a.shutdown.remote(), timeout=10)
+            except Exception:
+                pass
+            ray.kill(a)
+        ray.kill(self.controller)
+        self.instances = []
+        if self._owns_ray:
+            ray.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

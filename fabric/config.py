@@ -1,0 +1,207 @@
+"""Fabric configuration: frozen dataclasses inside, validated once at the YAML/dict edge.
+
+Every field error raises `ConfigError` naming the dotted field, e.g. `instances.kv_blocks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from fabric.errors import ConfigError
+
+PRESETS = ("tiny-llama", "tiny-moe")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda")
+TRANSPORTS = ("auto", "torch", "ray")
+
+
+def _positive(path: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{path} must be > 0, got {value}")
+
+
+def _one_of(path: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path} must be one of {list(allowed)}, got {value!r}")
+
+
+def _fraction(path: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{path} must be within [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str | None = "tiny-llama"
+    path: str | None = None
+    dtype: str = "float32"
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        if self.path is None:
+            if self.preset is None:
+                raise ConfigError(f"{prefix}.preset or {prefix}.path must be set")
+            _one_of(f"{prefix}.preset", self.preset, PRESETS)
+        elif not os.path.isdir(self.path):
+            raise ConfigError(f"{prefix}.path: {self.path!r} is not a directory")
+        _one_of(f"{prefix}.dtype", self.dtype, DTYPES)
+
+
+@dataclass(frozen=True)
+class InstancesConfig:
+    count: int = 2
+    device: str = "cpu"
+    kv_blocks: int = 64
+    block_size: int = 16
+    max_num_seqs: int = 32          # requests in one running batch
+    max_batch_tokens: int = 256     # tokens per step: prefill is chunked to fit
+    num_cpus: float = 1.0           # Ray CPUs each instance actor takes
+
+    def validate(self, prefix: str) -> None:
+        for name in ("count", "kv_blocks", "block_size", "max_num_seqs", "max_batch_tokens"):
+            _positive(f"{prefix}.{name}", getattr(self, name))
+        _one_of(f"{prefix}.device", self.device, DEVICES)
+        if self.num_cpus < 0:
+            raise ConfigError(f"{prefix}.num_cpus must be >= 0, got {self.num_cpus}")
+
+
+@dataclass(frozen=True)
+class LendingConfig:
+    enabled: bool = True
+    max_lend_fraction: float = 0.9   # at most this share of an instance's pool is lent out
+    min_free_fraction: float = 0.05  # lending never takes an instance below this free share
+    heartbeat_s: float = 0.5
+
+    def validate(self, prefix: str) -> None:
+        _fraction(f"{prefix}.max_lend_fraction", self.max_lend_fraction)
+        _fraction(f"{prefix}.min_free_fraction", self.min_free_fraction)
+        _positive(f"{prefix}.heartbeat_s", self.heartbeat_s)
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    backend: str = "auto"   # auto = torch.distributed (gloo on CPU, NCCL on GPU)
+
+    def validate(self, prefix: str) -> None:
+        _one_of(f"{prefix}.backend", self.backend, TRANSPORTS)
+
+
+@dataclass(frozen=True)
+class AutoscaleConfig:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 3.0
+    downscale_delay_s: float = 30.0
+    kv_utilization_high: float = 0.9
+    kv_utilization_low: float = 0.3
+    ttft_slo_s: float | None = None
+    request_resources: bool = True
+
+    def validate(self, prefix: str) -> None:
+        _positive(f"{prefix}.min_replicas", self.min_replicas)
+        if self.max_replicas < self.min_replicas:
+            raise ConfigError(
+                f"{prefix}.max_replicas ({self.max_replicas}) must be >= "
+                f"{prefix}.min_replicas ({self.min_replicas})")
+        _positive(f"{prefix}.target_ongoing_requests", self.target_ongoing_requests)
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
+        _fraction(f"{prefix}.kv_utilization_high", self.kv_utilization_high)
+        _fraction(f"{prefix}.kv_utilization_low", self.kv_utilization_low)
+        if self.kv_utilization_low >= self.kv_utilization_high:
+            raise ConfigError(f"{prefix}.kv_utilization_low must be < {prefix}.kv_utilization_high")
+
+
+@dataclass(frozen=True)
+class FabricConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    instances: InstancesConfig = field(default_factory=InstancesConfig)
+    lending: LendingConfig = field(default_factory=LendingConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(config: "str | os.PathLike | dict | FabricConfig | None") -> FabricConfig:
+    """Build a validated `FabricConfig` from None (defaults), a dict, a YAML path or a config."""
+    if config is None:
+        return build(FabricConfig, {}, "")
+    if isinstance(config, FabricConfig):
+        return build(FabricConfig, config.to_dict(), "")
+    if isinstance(config, (str, os.PathLike)):
+        return build(FabricConfig, _read_yaml(os.fspath(config)), "")
+    if isinstance(config, dict):
+        return build(FabricConfig, config, "")
+    raise ConfigError(f"config must be a path, a dict or a FabricConfig, got {type(config).__name__}")
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    return {} if data is None else data
+
+
+def build(cls: type, data: Any, prefix: str):
+    """Construct dataclass `cls` from `data`, checking keys and types; errors name the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {where!r} (known: {sorted(fields)})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        values[name] = _coerce(hints[name], value, path)
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    return obj
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return build(hint, {} if value is None else value, path)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(inner, value, path)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be a boolean, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {hint}")  # a bug in this module, not user input

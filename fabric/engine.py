@@ -1,0 +1,147 @@
+"""The one-instance engine: a model, its paged KV pool, an rManager and a scheduler.
+
+Free of Ray: each instance actor hosts one, and tests drive it in one process. With
+`remote` set (by the actor), requests whose blocks live on other instances attend there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from fabric.context import SeqChunk, build_context
+from fabric.distattn import DistAttention, RemotePartials
+from fabric.errors import CapacityError, RequestError
+from fabric.kv_cache import KVCache
+from fabric.model import Transformer
+from fabric.rmanager import RManager
+from fabric.sampling import sample
+from fabric.scheduler import Scheduler
+from fabric.sequence import SamplingParams, Sequence
+
+
+class Engine:
+    def __init__(self, model: Transformer, kv_blocks: int, block_size: int, *, instance_id: int = 0,
+                 max_num_seqs: int = 32, max_batch_tokens: int = 256, max_lend_fraction: float = 0.9,
+                 min_free_fraction: float = 0.05, backend: str = "auto"):
+        args = model.args
+        self.model, self.args, self.backend = model, args, backend
+        self.instance_id = instance_id
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.kv = KVCache(args.num_layers, kv_blocks, block_size, args.num_kv_heads, args.head_dim,
+                          dtype, self.device)
+        self.rm = RManager(instance_id, kv_blocks, block_size, max_lend_fraction, min_free_fraction)
+        self.scheduler = Scheduler(self.rm, max_num_seqs, max_batch_tokens)
+        self.scale = args.head_dim ** -0.5
+        self.remote: RemotePartials | None = None
+        self.max_request_blocks = kv_blocks      # the fabric raises it to what lending allows
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.num_generated = 0
+        self.num_steps = 0
+
+    # ---- requests ------------------------------------------------------------------------
+    def validate(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise `RequestError` / `CapacityError` for a request that must not be admitted."""
+        check_request(prompt, params, self.args.vocab_size, self.args.max_position_embeddings)
+        check_capacity(len(prompt) + params.max_new_tokens, self.rm.block_size, self.max_request_blocks)
+
+    def add_request(self, prompt: list[int], params: SamplingParams, req_id: str | None = None) -> str:
+        self.validate(prompt, params)
+        req_id = req_id if req_id is not None else f"{self.instance_id}-{next(self._ids)}"
+        if req_id in self.seqs:
+            raise RequestError(f"request id {req_id!r} is already in use")
+        seq = Sequence(req_id, list(prompt), params)
+        self.seqs[req_id] = seq
+        self.scheduler.add(seq)
+        return req_id
+
+    def abort(self, req_id: str) -> None:
+        seq = self.seqs.pop(req_id, None)
+        if seq is not None:
+            seq.finish_reason = "abort"
+            self.scheduler.remove(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+        """One forward pass. Returns (new tokens as (seq, token)), finished sequences)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return [], []
+        chunks = [SeqChunk(seq.tokens[seq.num_computed: seq.num_computed + n], seq.num_computed,
+                           self.rm.tables[seq.req_id], seq.num_computed + n == seq.num_tokens)
+                  for seq, n in batch]
+        ctx = build_context(chunks, self.instance_id, self.rm.block_size, self.device)
+        attn = DistAttention(self.kv, ctx, self.scale, self.remote, self.backend)
+        hidden = self.model(ctx.input_ids, ctx.positions, attn)
+        logits = self.model.logits(hidden[ctx.logits_idx])
+        self.num_steps += 1
+        for seq, n in batch:
+            seq.num_computed += n
+        sampled = [seq for (seq, _), ch in zip(batch, chunks) if ch.sample]
+        return self._append(sampled, sample(logits, sampled))
+
+    def _append(self, seqs: list[Sequence], tokens: list[int]):
+        now = time.perf_counter()
+        new, finished = [], []
+        for seq, tok in zip(seqs, tokens):
+            seq.output.append(tok)
+            seq.first_token_at = seq.first_token_at or now
+            new.append((seq, tok))
+            self.num_generated += 1
+            reason = self._finish_reason(seq, tok)
+            if reason:
+                seq.finish_reason, seq.finished_at = reason, now
+                self.scheduler.remove(seq)
+                del self.seqs[seq.req_id]
+                finished.append(seq)
+        return new, finished
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        if not seq.params.ignore_eos and tok == self.args.eos_token_id:
+            return "stop"
+        if len(seq.output) >= seq.params.max_new_tokens:
+            return "length"
+        return None
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+        """Run `prompts` to completion on this engine alone (tests, benchmarks)."""
+        ids = [self.add_request(p, params) for p in prompts]
+        done: dict[str, Sequence] = {}
+        while self.has_unfinished():
+            for seq in self.step()[1]:
+                done[seq.req_id] = seq
+        return [done[i] for i in ids]
+
+
+def check_request(prompt, params: SamplingParams, vocab_size: int, max_positions: int) -> None:
+    if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
+        raise RequestError("prompt is empty")
+    for tok in prompt:
+        if isinstance(tok, bool) or not isinstance(tok, int):
+            raise RequestError(f"prompt token {tok!r} is not an integer id")
+        if not 0 <= tok < vocab_size:
+            raise RequestError(f"prompt token {tok} is outside the vocabulary ({vocab_size})")
+    n = params.max_new_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise RequestError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+    if len(prompt) + n > max_positions:
+        raise RequestError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({n}) exceeds the "
+                           f"model's maximum position {max_positions}")
+    t = params.temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or t != t or t == float("inf"):
+        raise RequestError(f"temperature must be a finite number >= 0, got {t!r}")
+
+
+def check_capacity(num_tokens: int, block_size: int, max_blocks: int) -> None:
+    need = -(-num_tokens // block_size)
+    if need > max_blocks:
+        raise CapacityError(f"request needs {need} KV blocks ({num_tokens} tokens of prompt and "
+                            f"max_new_tokens), the whole fabric can give one request at most "
+                            f"{max_blocks} blocks of {block_size} tokens")

@@ -1,0 +1,159 @@
+"""Build a model from a Hugging Face checkpoint directory or a built-in preset; write checkpoints.
+
+A checkpoint is `config.json` plus `model.safetensors`, or shards listed in
+`model.safetensors.index.json`. Tensors are checked name by name and shape by shape, so a
+broken checkpoint fails with a `ConfigError` that names the tensor, never a half-built model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from fabric.errors import ConfigError
+from fabric.model.args import PRESETS, ModelArgs
+from fabric.model.llama import Transformer
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64,
+          "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(preset: str | None = "tiny-llama", path: str | None = None, dtype: str = "float32",
+               seed: int = 0, device: str = "cpu") -> Transformer:
+    """The model of a `model:` config section, in eval mode on `device`."""
+    if path is not None:
+        args = read_args(path)
+        state = read_state_dict(path, args)
+    else:
+        args = PRESETS[preset]
+        state = random_state_dict(args, seed)
+    return build_model(args, state, dtype, device)
+
+
+def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: str = "float32",
+                device: str = "cpu") -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    _check_tensors(expected, state)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rope = type(model.rope)(args)           # buffers were on meta
+    for layer in model.model.layers:
+        moe = getattr(layer, "block_sparse_moe", None)
+        if moe is not None:
+            moe.tokens_per_expert = torch.zeros(args.num_experts, dtype=torch.int64)
+    return model.to(device=device, dtype=DTYPES[dtype]).eval()
+
+
+def _check_tensors(expected: dict, state: dict) -> None:
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ConfigError(f"model.path: checkpoint is missing tensor {missing[0]!r}"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ConfigError(f"model.path: checkpoint has unexpected tensor {extra[0]!r}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise ConfigError(f"model.path: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                              f"expected {tuple(shape)}")
+
+
+def read_args(path: str) -> ModelArgs:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"model.path: {path!r} has no config.json")
+    try:
+        with open(cfg_path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model.path: config.json is not valid JSON: {e}") from None
+    try:
+        return ModelArgs.from_hf_config(hf)
+    except KeyError as e:
+        raise ConfigError(f"model.path: config.json lacks {e.args[0]!r}") from None
+
+
+def read_state_dict(path: str, args: ModelArgs) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = _safetensors_files(path)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    state = _normalise_names(state, args)
+    if args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+    return state
+
+
+def _safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, n) for n in names]
+    else:
+        files = [os.path.join(path, "model.safetensors")]
+    for file in files:
+        if not os.path.isfile(file):
+            raise ConfigError(f"model.path: checkpoint file {os.path.basename(file)!r} is missing")
+    return files
+
+
+def _normalise_names(state: dict, args: ModelArgs) -> dict:
+    """Accept transformers 5's fused-expert layout too, by splitting it into per-expert tensors."""
+    out = {}
+    for name, t in state.items():
+        if ".mlp.experts.gate_up_proj" in name:
+            prefix = name.split(".mlp.experts.")[0] + ".block_sparse_moe.experts."
+            inter = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.w1.weight"] = t[e, :inter]
+                out[f"{prefix}{e}.w3.weight"] = t[e, inter:]
+        elif ".mlp.experts.down_proj" in name:
+            prefix = name.split(".mlp.experts.")[0] + ".block_sparse_moe.experts."
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.w2.weight"] = t[e]
+        elif args.is_moe and ".mlp.gate.weight" in name:
+            out[name.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = t
+        else:
+            out[name] = t
+    return out
+
+
+def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights from a fixed seed, scaled so that logits are well spread (greedy is stable)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in sorted(shapes.items()):
+        if name.endswith("norm.weight") or "layernorm" in name:
+            state[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif name.endswith(".bias"):
+            state[name] = 0.1 * torch.randn(shape, generator=gen)
+        elif "embed_tokens" in name:
+            state[name] = torch.randn(shape, generator=gen)
+        else:
+            state[name] = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+    if args.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
+def save_checkpoint(model: Transformer, path: str) -> None:
+    """Write `config.json` and `model.safetensors` that Hugging Face `transformers` loads."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(model.args.to_hf_config(), f, indent=2)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.args.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,55 @@
+"""Rotary position embeddings (rotate-half layout, as Hugging Face Llama/Mixtral), with scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fabric.model.args import ModelArgs
+
+
+def inv_frequencies(args: ModelArgs) -> torch.Tensor:
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).double() / dim))
+    kind = args.rope_scaling.get("rope_type", "default") if args.rope_scaling else "default"
+    if kind == "linear":
+        inv_freq = inv_freq / float(args.rope_scaling["factor"])
+    elif kind == "llama3":
+        inv_freq = _llama3(inv_freq, args.rope_scaling)
+    return inv_freq.float()
+
+
+def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """cos/sin tables for every position, built once; `forward` rotates q and k in place of copies."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        positions = torch.arange(args.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_frequencies(args))        # [P, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)                      # [P, D]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        # positions [T]; q [T, H, D]; k [T, H_kv, D]
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)

@@ -1,0 +1,56 @@
+"""A request as the engine sees it: tokens so far, how many have KV, timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(eq=False)
+class Sequence:
+    req_id: str
+    prompt: list[int]
+    params: SamplingParams
+    output: list[int] = field(default_factory=list)
+    num_computed: int = 0                  # tokens whose KV is in the cache
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    num_preemptions: int = 0
+    generator: torch.Generator | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def max_tokens(self) -> int:
+        return len(self.prompt) + self.params.max_new_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def metrics(self) -> dict:
+        end = self.finished_at or time.perf_counter()
+        ttft = (self.first_token_at or end) - self.arrival
+        n = len(self.output)
+        tpot = (end - self.first_token_at) / (n - 1) if self.first_token_at and n > 1 else 0.0
+        return {"ttft_s": ttft, "tpot_s": tpot, "latency_s": end - self.arrival,
+                "num_prompt_tokens": len(self.prompt), "num_output_tokens": n,
+                "num_preemptions": self.num_preemptions}
