@@ -11,7 +11,12 @@ from fabric.messages import Heartbeat
 
 
 class ControllerActor:
-    def __init__(self, min_free_fraction: float, lending_enabled: bool):
+    def __init__(self, config: dict):
+        from fabric.config import load_config
+
+        cfg = load_config(config)
+        self._config = config
+        min_free_fraction, lending_enabled = cfg.lending.min_free_fraction, cfg.lending.enabled
         self.ledger = Ledger(min_free_fraction=min_free_fraction)
         self.lending_enabled = lending_enabled
         self.lock = threading.Lock()
@@ -33,10 +38,18 @@ class ControllerActor:
                 return []
             return [tuple(g) for g in self.ledger.propose_creditors(debtor, num_blocks, exclude)]
 
-    def note_borrow(self, debtor: int, num_blocks: int) -> None:
+    def settle(self, debtor: int, creditor: int, num_granted: int, num_refused: int) -> None:
+        """The creditor's answer to a proposal: granted blocks are confirmed, the rest cancelled."""
         with self.lock:
-            self.num_borrow_events += 1
-            self.num_blocks_borrowed_total += num_blocks
+            if num_granted:
+                self.ledger.confirm(debtor, creditor, num_granted)
+                self.num_borrow_events += 1
+                self.num_blocks_borrowed_total += num_granted
+            if num_refused:
+                self.ledger.cancel(debtor, creditor, num_refused)
+
+    def config(self) -> dict:
+        return self._config
 
     def remove_instance(self, instance_id: int) -> None:
         with self.lock:

@@ -30,6 +30,7 @@ from fabric.rmanager import BlockRef
 from fabric.sequence import SamplingParams
 
 BORROW_CHUNK = 8      # blocks borrowed at least per borrow event: keeps control calls off the token path
+BORROW_RETRY_S = 0.05  # after a failed borrow, wait this long before asking the controller again
 
 
 class InstanceActor:
@@ -50,6 +51,7 @@ class InstanceActor:
         self.num_remote_partials_served = 0
         self.started = time.perf_counter()
         self._hb_seq = 0
+        self._borrow_retry_at = 0.0
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
 
     def _build_engine(self) -> Engine:
@@ -89,6 +91,7 @@ class InstanceActor:
         self.engine.remote = TransportPartials(self.transport)
         if self.cfg.lending.enabled:
             self.engine.rm.release_fn = self._release
+        ray.get(self.controller.heartbeat.remote(self.heartbeat()))   # in the ledger before serving
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         return True
 
@@ -128,10 +131,14 @@ class InstanceActor:
             self._borrow_ahead()
             with self.lock:
                 try:
+                    steps_before = self.engine.num_steps
                     _, finished = self.engine.step()
                 except Exception as e:           # never lose requests silently
                     self._fail_all(e)
                     continue
+            if self.engine.num_steps == steps_before:     # all waiting for memory
+                self.wake.wait(0.01)
+                self.wake.clear()
             for seq in finished:
                 self._finish(seq)
 
@@ -170,21 +177,24 @@ class InstanceActor:
         with self.lock:
             rm = self.engine.rm
             short = self.engine.scheduler.num_blocks_wanted() - rm.num_free - rm.num_spare
-        if short > 0:
-            self._borrow(max(short, BORROW_CHUNK))
+        if short <= 0 or time.perf_counter() < self._borrow_retry_at:
+            return
+        if not self._borrow(max(short, BORROW_CHUNK)) and not (short < BORROW_CHUNK and self._borrow(short)):
+            self._borrow_retry_at = time.perf_counter() + BORROW_RETRY_S   # wait for memory to free
 
-    def _borrow(self, n: int) -> None:
+    def _borrow(self, n: int) -> bool:
         """Ask the controller for creditors, reserve on each before any byte moves; a refused
-        reservation is re-planned with that creditor excluded."""
+        reservation is re-planned with that creditor excluded. True when `n` blocks came."""
         exclude: list[int] = []
         got: list[BlockRef] = []
-        for _ in range(4):
+        for _ in range(3):
             self.num_controller_calls += 1
             grants = ray.get(self.controller.propose_creditors.remote(self.id, n - len(got), exclude))
             if not grants:
                 break
             for creditor, k in grants:
                 ids = ray.get(self.peers[creditor].lend.remote(self.id, k))
+                self.controller.settle.remote(self.id, creditor, len(ids), k - len(ids))
                 if len(ids) < k:
                     exclude.append(creditor)
                 got += [BlockRef(creditor, b) for b in ids]
@@ -194,7 +204,7 @@ class InstanceActor:
             with self.lock:
                 self.engine.rm.add_borrowed(got)
             self.num_blocks_borrowed_total += len(got)
-            self.controller.note_borrow.remote(self.id, len(got))
+        return len(got) >= n
 
     def _release(self, creditor: int, ids: list[int]) -> None:
         self.peers[creditor].reclaim.remote(self.id, ids)

@@ -51,7 +51,7 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
     lifetime = "detached" if detached else None
     controller = ray.remote(ControllerActor).options(
         name=ctrl_name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=0, max_concurrency=16,
-    ).remote(cfg.lending.min_free_fraction, cfg.lending.enabled)
+    ).remote(cfg.to_dict())
     gpus = 1 if cfg.instances.device == "cuda" else 0
     instances = [ray.remote(InstanceActor).options(
         name=n, namespace=NAMESPACE, lifetime=lifetime, num_cpus=cfg.instances.num_cpus,

@@ -8,11 +8,11 @@ controller and a creditor; the engine alone (one process, no Ray) never borrows.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 from fabric.block_pool import BlockPool
+from fabric.ledger import reserve_blocks
 
 BorrowFn = Callable[[int], "list[BlockRef]"]
 ReleaseFn = Callable[[int, "list[int]"], None]
@@ -31,7 +31,7 @@ class RManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.lend_cap = int(max_lend_fraction * num_blocks)
-        self.min_free = math.ceil(min_free_fraction * num_blocks)
+        self.min_free = reserve_blocks(num_blocks, min_free_fraction)
         self.tables: dict[str, list[BlockRef]] = {}
         self.lent: dict[int, set[int]] = {}          # debtor -> block ids here held for it
         self.spare: dict[int, list[int]] = {}        # creditor -> reserved ids not in any table
