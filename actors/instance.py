@@ -28,12 +28,13 @@ from fabric.messages import Heartbeat
 from fabric.model import load_model
 from fabric.rmanager import BlockRef
 from fabric.sequence import SamplingParams
+from actors.transport import TransportHost
 
 BORROW_CHUNK = 8      # blocks borrowed at least per borrow event: keeps control calls off the token path
 BORROW_RETRY_S = 0.05  # after a failed borrow, wait this long before asking the controller again
 
 
-class InstanceActor:
+class InstanceActor(TransportHost):
     def __init__(self, instance_id: int, config: dict, controller_name: str, namespace: str):
         self.cfg: FabricConfig = load_config(config)
         self.id = instance_id
@@ -71,32 +72,22 @@ class InstanceActor:
                 "eos_token_id": args.eos_token_id, "max_position_embeddings": args.max_position_embeddings,
                 "architecture": args.architecture, "kv_blocks": self.engine.rm.num_blocks,
                 "block_size": self.engine.rm.block_size, "lend_cap": self.engine.rm.lend_cap,
-                "min_free": self.engine.rm.min_free, "num_layers": args.num_layers}
-
-    def free_port(self) -> int:
-        from actors.transport import find_free_port
-
-        return find_free_port()
+                "min_free": self.engine.rm.min_free, "num_layers": args.num_layers,
+                "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
+                "dtype_bytes": self.engine.kv.k.element_size()}
 
     def connect(self, world_size: int, master_addr: str, master_port: int, backend: str,
                 peers: list, max_request_blocks: int) -> bool:
         """Join the fabric's data plane (all instances call this concurrently)."""
-        from actors.transport import create_transport
-
         self.peers = peers
         self.engine.max_request_blocks = max_request_blocks
-        self.transport = create_transport(backend, rank=self.id, world_size=world_size,
-                                          master_addr=master_addr, master_port=master_port, peers=peers)
-        self.transport.start(self._serve)
+        self.setup_transport(self.id, world_size, master_addr, master_port, backend, peers)
         self.engine.remote = TransportPartials(self.transport)
         if self.cfg.lending.enabled:
             self.engine.rm.release_fn = self._release
         ray.get(self.controller.heartbeat.remote(self.heartbeat()))   # in the ledger before serving
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         return True
-
-    def _transport_handle(self, src: int, meta: bytes, payload):
-        return self.transport.handle_ray_call(src, meta, payload)
 
     # ---- requests ------------------------------------------------------------------------
     def generate(self, requests: list[dict]) -> list[dict]:
@@ -223,7 +214,7 @@ class InstanceActor:
         with self.lock:
             self.engine.rm.reclaim(debtor, ids)
 
-    def _serve(self, src: int, meta: dict, tensors: list[torch.Tensor]):
+    def serve_transport(self, src: int, meta: dict, tensors: list[torch.Tensor]):
         """A debtor's attention micro-task over blocks this instance holds for it."""
         if meta.get("op") != "attn":
             raise ValueError(f"unknown op {meta.get('op')!r}")

@@ -43,6 +43,7 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
 
     from actors.controller import ControllerActor
     from actors.instance import InstanceActor
+    from actors.transport import transport_actor_options
 
     cfg = load_config(config)
     owns_ray = _init_ray(address, cfg)
@@ -53,9 +54,10 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
         name=ctrl_name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=0, max_concurrency=16,
     ).remote(cfg.to_dict())
     gpus = 1 if cfg.instances.device == "cuda" else 0
-    instances = [ray.remote(InstanceActor).options(
+    actor_cls = ray.remote(**transport_actor_options(max_concurrency=64, transport_threads=16))(InstanceActor)
+    instances = [actor_cls.options(
         name=n, namespace=NAMESPACE, lifetime=lifetime, num_cpus=cfg.instances.num_cpus,
-        num_gpus=gpus, max_concurrency=64, scheduling_strategy="SPREAD",
+        num_gpus=gpus, scheduling_strategy="SPREAD",
     ).remote(i, cfg.to_dict(), ctrl_name, NAMESPACE) for i, n in enumerate(inst_names)]
     fab = Fabric(name, cfg, controller, instances, owns_ray)
     fab._connect_data_plane()
@@ -118,8 +120,8 @@ class Fabric:
         import ray
 
         backend = {"auto": "torch"}.get(self.cfg.transport.backend, self.cfg.transport.backend)
-        port = ray.get(self.instances[0].free_port.remote())
-        ray.get([a.connect.remote(len(self.instances), self.infos[0]["ip"], port, backend,
+        addr, port = ray.get(self.instances[0].transport_address.remote())
+        ray.get([a.connect.remote(len(self.instances), addr, port, backend,
                                   self.instances, self.max_request_blocks) for a in self.instances])
 
     # ---- generation ----------------------------------------------------------------------

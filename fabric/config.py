@@ -73,8 +73,8 @@ class InstancesConfig:
 @dataclass(frozen=True)
 class LendingConfig:
     enabled: bool = True
-    max_lend_fraction: float = 0.9   # at most this share of an instance's pool is lent out
-    min_free_fraction: float = 0.05  # lending never takes an instance below this free share
+    max_lend_fraction: float = 0.95  # at most this share of an instance's pool is lent out
+    min_free_fraction: float = 0.03  # lending never takes an instance below this free share
     heartbeat_s: float = 0.5
 
     def validate(self, prefix: str) -> None:

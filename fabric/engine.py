@@ -24,8 +24,8 @@ from fabric.sequence import SamplingParams, Sequence
 
 class Engine:
     def __init__(self, model: Transformer, kv_blocks: int, block_size: int, *, instance_id: int = 0,
-                 max_num_seqs: int = 32, max_batch_tokens: int = 256, max_lend_fraction: float = 0.9,
-                 min_free_fraction: float = 0.05, backend: str = "auto"):
+                 max_num_seqs: int = 32, max_batch_tokens: int = 256, max_lend_fraction: float = 0.95,
+                 min_free_fraction: float = 0.03, backend: str = "auto"):
         args = model.args
         self.model, self.args, self.backend = model, args, backend
         self.instance_id = instance_id

@@ -26,7 +26,7 @@ class BlockRef:
 
 class RManager:
     def __init__(self, instance_id: int, num_blocks: int, block_size: int,
-                 max_lend_fraction: float = 0.9, min_free_fraction: float = 0.05):
+                 max_lend_fraction: float = 0.95, min_free_fraction: float = 0.03):
         self.instance_id = instance_id
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
