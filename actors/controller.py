@@ -31,12 +31,13 @@ class ControllerActor:
             self.num_calls["heartbeat"] += 1
             self.ledger.update(Heartbeat.from_dict(hb))
 
-    def propose_creditors(self, debtor: int, num_blocks: int, exclude: list[int]) -> list[tuple[int, int]]:
+    def propose_creditors(self, debtor: int, num_blocks: int, exclude: list[int],
+                          min_blocks: int | None = None) -> list[tuple[int, int]]:
         with self.lock:
             self.num_calls["propose_creditors"] += 1
             if not self.lending_enabled:
                 return []
-            return [tuple(g) for g in self.ledger.propose_creditors(debtor, num_blocks, exclude)]
+            return [tuple(g) for g in self.ledger.propose_creditors(debtor, num_blocks, exclude, min_blocks)]
 
     def settle(self, debtor: int, creditor: int, num_granted: int, num_refused: int) -> None:
         """The creditor's answer to a proposal: granted blocks are confirmed, the rest cancelled."""

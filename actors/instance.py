@@ -31,6 +31,7 @@ from fabric.sequence import SamplingParams
 from actors.transport import TransportHost
 
 BORROW_CHUNK = 8      # blocks borrowed at least per borrow event: keeps control calls off the token path
+MEMORY_WAIT_S = 2.0    # a request short of blocks waits this long for a borrow before preemption
 BORROW_RETRY_S = 0.05  # after a failed borrow, wait this long before asking the controller again
 
 
@@ -50,6 +51,7 @@ class InstanceActor(TransportHost):
         self.num_controller_calls = 0
         self.num_blocks_borrowed_total = 0
         self.num_remote_partials_served = 0
+        self.serve_seconds = 0.0
         self.started = time.perf_counter()
         self._hb_seq = 0
         self._borrow_retry_at = 0.0
@@ -85,6 +87,8 @@ class InstanceActor(TransportHost):
         self.engine.remote = TransportPartials(self.transport)
         if self.cfg.lending.enabled:
             self.engine.rm.release_fn = self._release
+            self.engine.scheduler.memory_wait_s = MEMORY_WAIT_S
+            self.engine.scheduler.reserve_on_admit = True
         ray.get(self.controller.heartbeat.remote(self.heartbeat()))   # in the ledger before serving
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         return True
@@ -170,17 +174,19 @@ class InstanceActor(TransportHost):
             short = self.engine.scheduler.num_blocks_wanted() - rm.num_free - rm.num_spare
         if short <= 0 or time.perf_counter() < self._borrow_retry_at:
             return
-        if not self._borrow(max(short, BORROW_CHUNK)) and not (short < BORROW_CHUNK and self._borrow(short)):
+        if not self._borrow(max(short, BORROW_CHUNK), short):
             self._borrow_retry_at = time.perf_counter() + BORROW_RETRY_S   # wait for memory to free
 
-    def _borrow(self, n: int) -> bool:
-        """Ask the controller for creditors, reserve on each before any byte moves; a refused
-        reservation is re-planned with that creditor excluded. True when `n` blocks came."""
+    def _borrow(self, n: int, at_least: int) -> bool:
+        """Ask the controller for creditors of up to `n` blocks (no fewer than `at_least`), and
+        reserve on each before any byte moves; a refused reservation is re-planned with that
+        creditor excluded. True when at least `at_least` blocks came."""
         exclude: list[int] = []
         got: list[BlockRef] = []
         for _ in range(3):
             self.num_controller_calls += 1
-            grants = ray.get(self.controller.propose_creditors.remote(self.id, n - len(got), exclude))
+            grants = ray.get(self.controller.propose_creditors.remote(
+                self.id, n - len(got), exclude, max(1, at_least - len(got))))
             if not grants:
                 break
             for creditor, k in grants:
@@ -189,13 +195,13 @@ class InstanceActor(TransportHost):
                 if len(ids) < k:
                     exclude.append(creditor)
                 got += [BlockRef(creditor, b) for b in ids]
-            if len(got) >= n:
+            if len(got) >= at_least:
                 break
         if got:
             with self.lock:
                 self.engine.rm.add_borrowed(got)
             self.num_blocks_borrowed_total += len(got)
-        return len(got) >= n
+        return len(got) >= at_least
 
     def _release(self, creditor: int, ids: list[int]) -> None:
         self.peers[creditor].reclaim.remote(self.id, ids)
@@ -208,16 +214,24 @@ class InstanceActor(TransportHost):
     # ---- lending (creditor side) ---------------------------------------------------------
     def lend(self, debtor: int, n: int) -> list[int]:
         with self.lock:
-            return self.engine.rm.lend(debtor, n)
+            ids = self.engine.rm.lend(debtor, n)
+        self._beat_now()
+        return ids
 
     def reclaim(self, debtor: int, ids: list[int]) -> None:
         with self.lock:
             self.engine.rm.reclaim(debtor, ids)
+        self._beat_now()
+
+    def _beat_now(self) -> None:
+        """The books changed: tell the ledger now rather than at the next periodic beat."""
+        self.controller.heartbeat.remote(self.heartbeat())
 
     def serve_transport(self, src: int, meta: dict, tensors: list[torch.Tensor]):
         """A debtor's attention micro-task over blocks this instance holds for it."""
         if meta.get("op") != "attn":
             raise ValueError(f"unknown op {meta.get('op')!r}")
+        t0 = time.perf_counter()
         q, k_new, v_new, slots, tables, kv_lens, cu = tensors
         used = tables[tables >= 0].tolist()
         written = (slots // self.engine.rm.block_size).tolist()
@@ -229,6 +243,7 @@ class InstanceActor(TransportHost):
         out, lse = partial_on_shard(self.engine.kv, int(meta["layer"]), q.to(dev), k_new.to(dev),
                                     v_new.to(dev), shard, self.engine.scale, self.engine.backend)
         self.num_remote_partials_served += 1
+        self.serve_seconds += time.perf_counter() - t0
         return {}, [out, lse]
 
     # ---- books for the controller and stats ------------------------------------------------
@@ -265,6 +280,8 @@ class InstanceActor(TransportHost):
                     "blocks_borrowed_total": self.num_blocks_borrowed_total,
                     "controller_calls": self.num_controller_calls,
                     "remote_partials_served": self.num_remote_partials_served,
+                    "serve_seconds": self.serve_seconds,
+                    "remote_wait_seconds": getattr(self.engine.remote, "wait_seconds", 0.0),
                     "transport": self.transport.stats() if self.transport else {}}
 
     def shutdown(self) -> None:
@@ -280,11 +297,17 @@ class TransportPartials:
     def __init__(self, transport):
         self.transport = transport
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partials")
+        self.wait_seconds = 0.0
 
     def submit(self, layer: int, jobs: dict[int, PartialJob]) -> Future:
         calls = [(inst, {"op": "attn", "layer": layer, "decode": job.shard.is_decode},
                   [job.q, job.k_new, job.v_new, job.shard.write_slots, job.shard.block_tables,
                    job.shard.kv_lens, job.shard.cu_seqlens]) for inst, job in jobs.items()]
         insts = list(jobs)
-        return self.pool.submit(lambda: {i: tuple(r[1]) for i, r in
-                                         zip(insts, self.transport.call_many(calls))})
+        return self.pool.submit(self._call, insts, calls)
+
+    def _call(self, insts, calls):
+        t0 = time.perf_counter()
+        replies = self.transport.call_many(calls)
+        self.wait_seconds += time.perf_counter() - t0
+        return {i: tuple(r[1]) for i, r in zip(insts, replies)}

@@ -178,10 +178,12 @@ class Ledger:
         return num_blocks_needed <= self.max_request_blocks(home, lending=lending)
 
     # ---- proposals -----------------------------------------------------------------------------
-    def propose_creditors(self, debtor: int, num_blocks: int,
-                          exclude: Iterable[int] = ()) -> list[tuple[int, int]]:
+    def propose_creditors(self, debtor: int, num_blocks: int, exclude: Iterable[int] = (),
+                          min_blocks: int | None = None) -> list[tuple[int, int]]:
         """Creditors for `num_blocks` blocks: [(creditor, n)], the n summing to `num_blocks`,
-        or [] when the fabric cannot cover all of them (nothing is recorded then).
+        or [] when the fabric cannot cover all of them (nothing is recorded then). With
+        `min_blocks`, as many as the fabric can lend up to `num_blocks`, or [] below `min_blocks`
+        (a debtor asks for a chunk ahead but must have its shortfall).
 
         Candidates: known, not `debtor`, not in `exclude`, not debtors themselves; preferred by
         most lendable, then least load, then lowest id; split greedily across several when
@@ -192,7 +194,12 @@ class Ledger:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         if num_blocks == 0 or debtor in self._removed:
             return []
-        grants = self._greedy(self._candidates(debtor, set(exclude)), num_blocks)
+        cands = self._candidates(debtor, set(exclude))
+        if min_blocks is not None:
+            num_blocks = min(num_blocks, sum(n for _, n in cands))
+            if num_blocks < max(min_blocks, 1):
+                return []
+        grants = self._greedy(cands, num_blocks)
         if not grants:
             return []
         for c, n in grants:

@@ -163,8 +163,10 @@ class RManager:
 
     # ---- lending -------------------------------------------------------------------------
     def lend(self, debtor: int, n: int) -> list[int]:
-        """Reserve `n` local blocks for `debtor`. Refuses (returns []) past `lendable()`."""
-        if n <= 0 or not self.can_lend(n):
+        """Reserve up to `n` local blocks for `debtor`: as many as `lendable()` allows, maybe
+        none (the ledger's view lags; the debtor re-plans the rest elsewhere)."""
+        n = min(n, self.lendable())
+        if n <= 0:
             return []
         ids = self.pool.allocate(n)
         self.lent.setdefault(debtor, set()).update(ids)

@@ -28,6 +28,7 @@ class Sequence:
     first_token_at: float | None = None
     finished_at: float | None = None
     num_preemptions: int = 0
+    stalled_since: float | None = None     # waiting for memory since (perf_counter)
     generator: torch.Generator | None = None
 
     @property

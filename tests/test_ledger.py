@@ -519,3 +519,11 @@ def test_rebalance_order_kind_checked_and_encode_refuses_foreign_objects():
         RebalanceOrder("swap", 0, 1, 1, [])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not a fabric control message"):
         encode({"type": "Heartbeat"})  # type: ignore[arg-type]
+
+
+def test_propose_with_min_blocks_takes_what_is_there_but_not_less():
+    ledger = ledger_of(hb(0), hb(1, used=80), hb(2, used=85))      # lendable 10 and 5
+    assert ledger.propose_creditors(0, 20) == []                  # all or nothing
+    grants = ledger.propose_creditors(0, 20, min_blocks=12)
+    assert sorted(grants) == [(1, 10), (2, 5)]
+    assert ledger.propose_creditors(0, 8, min_blocks=1) == []     # nothing left to lend

@@ -24,9 +24,11 @@ def test_block_pool_all_or_nothing_and_double_free():
 def test_lending_caps_and_no_recursive_borrowing():
     rm = RManager(0, num_blocks=20, block_size=4, max_lend_fraction=0.5, min_free_fraction=0.1)
     assert rm.lendable() == 10                      # cap 10, reserve 2
-    assert rm.lend(1, 11) == []                     # refused past the cap: nothing moves
     ids = rm.lend(1, 6)
     assert len(ids) == 6 and rm.num_lent == 6 and rm.lendable() == 4
+    more = rm.lend(1, 9)                            # only 4 more under the cap
+    assert len(more) == 4 and rm.lendable() == 0
+    rm.reclaim(1, more)
     assert rm.allocate("r", 4 * 12)                 # own request takes 12 of the 14 free
     assert rm.lendable() == 0                       # reserve of 2 is kept
     rm.reclaim(1, ids[:2])
