@@ -14,7 +14,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 import torch
@@ -292,22 +291,26 @@ class InstanceActor(TransportHost):
 
 
 class TransportPartials:
-    """`RemotePartials` over the fabric's transport: one batched call per creditor per layer."""
+    """`RemotePartials` over the fabric's transport: one batched call per creditor per layer,
+    sent before the home computes its own partial and collected after it."""
 
     def __init__(self, transport):
         self.transport = transport
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partials")
         self.wait_seconds = 0.0
 
-    def submit(self, layer: int, jobs: dict[int, PartialJob]) -> Future:
+    def submit(self, layer: int, jobs: dict[int, PartialJob]) -> "_Partials":
         calls = [(inst, {"op": "attn", "layer": layer, "decode": job.shard.is_decode},
                   [job.q, job.k_new, job.v_new, job.shard.write_slots, job.shard.block_tables,
                    job.shard.kv_lens, job.shard.cu_seqlens]) for inst, job in jobs.items()]
-        insts = list(jobs)
-        return self.pool.submit(self._call, insts, calls)
+        return _Partials(self, list(jobs), self.transport.start_many(calls))
 
-    def _call(self, insts, calls):
+
+class _Partials:
+    def __init__(self, owner: TransportPartials, insts: list[int], pending):
+        self.owner, self.insts, self.pending = owner, insts, pending
+
+    def result(self) -> dict:
         t0 = time.perf_counter()
-        replies = self.transport.call_many(calls)
-        self.wait_seconds += time.perf_counter() - t0
-        return {i: tuple(r[1]) for i, r in zip(insts, replies)}
+        replies = self.pending.result()
+        self.owner.wait_seconds += time.perf_counter() - t0
+        return {i: tuple(r[1]) for i, r in zip(self.insts, replies)}

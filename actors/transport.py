@@ -180,6 +180,27 @@ class _Endpoint(Transport):
         return TransportError(f"rank {dst} failed to serve a call from rank {self.rank}: "
                               f"{meta.get('error')}", meta.get("traceback"))
 
+    def start_many(self, requests: list[Request]) -> "PendingCalls":
+        """Send every request now and return at once; `.result()` collects the replies (in
+        request order), so the caller works while the destinations do."""
+        pending = []
+        for dst, meta, tensors in requests:
+            try:
+                pending.append(self._start_call(dst, meta, tensors))
+            except Exception as e:
+                pending.append(e if isinstance(e, (TransportError, WireError)) else
+                               TransportError(f"rank {self.rank}: call to rank {dst} failed: {e}"))
+        return PendingCalls(self, pending)
+
+    def call_many(self, requests: list[Request]) -> list[Reply]:
+        return self.start_many(requests).result()
+
+    def _start_call(self, dst: int, meta: dict, tensors: Tensors):
+        raise NotImplementedError
+
+    def _finish_call(self, pending) -> Reply:
+        raise NotImplementedError
+
     def _collect(self, pending: list, finish: Callable) -> list[Reply]:
         """Finish every pending call even after a failure (no reply is left in flight)."""
         replies, first_error = [], None
@@ -194,6 +215,17 @@ class _Endpoint(Transport):
         if first_error is not None:
             raise first_error
         return replies
+
+
+class PendingCalls:
+    """Calls in flight from `start_many`; `result()` waits for all of them, once."""
+
+    def __init__(self, endpoint: _Endpoint, pending: list):
+        self._endpoint, self._pending = endpoint, pending
+
+    def result(self) -> list[Reply]:
+        pending, self._pending = self._pending, []
+        return self._endpoint._collect(pending, self._endpoint._finish_call)
 
 
 # ---- torch.distributed (gloo) ----------------------------------------------------------------
@@ -333,15 +365,6 @@ class TorchTransport(_Endpoint):
                 return
 
     # ---- calling -------------------------------------------------------------------------
-    def call_many(self, requests: list[Request]) -> list[Reply]:
-        pending = []
-        for dst, meta, tensors in requests:
-            try:
-                pending.append(self._start_call(dst, meta, tensors))
-            except Exception as e:
-                pending.append(e)
-        return self._collect(pending, self._finish_call)
-
     def _start_call(self, dst: int, meta: dict, tensors: Tensors) -> _Pending:
         self._check_call(dst)
         self._count(num_calls=1)

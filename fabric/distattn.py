@@ -7,7 +7,6 @@ queries travel); the partials and their log-sum-exps are merged exactly.
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from typing import Protocol
 
 import torch
@@ -21,9 +20,9 @@ class RemotePartials(Protocol):
     """Runs `partial_on_shard` on creditors. Implemented by the actors' transport.
 
     `submit` sends the jobs and returns at once, so the home computes its own partial meanwhile;
-    the returned future's `result()` is `{creditor: (out [T_s, H, D], lse [T_s, H])}`."""
+    the returned handle's `result()` is `{creditor: (out [T_s, H, D], lse [T_s, H])}`."""
 
-    def submit(self, layer: int, jobs: dict[int, "PartialJob"]) -> "Future":
+    def submit(self, layer: int, jobs: dict[int, "PartialJob"]):
         ...
 
 

@@ -143,5 +143,5 @@ def check_capacity(num_tokens: int, block_size: int, max_blocks: int) -> None:
     need = -(-num_tokens // block_size)
     if need > max_blocks:
         raise CapacityError(f"request needs {need} KV blocks ({num_tokens} tokens of prompt and "
-                            f"max_new_tokens), the whole fabric can give one request at most "
-                            f"{max_blocks} blocks of {block_size} tokens")
+                            f"max_new_tokens) but at most {max_blocks} blocks of {block_size} "
+                            f"tokens can hold one request")
