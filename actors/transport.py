@@ -494,24 +494,15 @@ class RayTransport(_Endpoint):
             self.peers[dst] = ray.get_actor(self.peers[dst], namespace=self.namespace)
         return self.peers[dst]
 
-    def call_many(self, requests: list[Request]) -> list[Reply]:
-        pending = []
-        for dst, meta, tensors in requests:
-            try:
-                self._check_call(dst)
-                self._count(num_calls=1)
-                if dst == self.rank:
-                    pending.append((dst, (meta, tensors)))
-                    continue
-                envelope, region = encode_split(meta, tensors)
-                self._count(bytes_sent=len(envelope) + region.numel())
-                method = getattr(self._peer(dst), self.method)
-                ref = method.remote(self.rank, envelope, region.numpy())
-                pending.append((dst, ref))
-            except Exception as e:
-                pending.append(e if isinstance(e, (TransportError, WireError)) else
-                               TransportError(f"rank {self.rank}: call to rank {dst} failed: {e}"))
-        return self._collect(pending, self._finish_call)
+    def _start_call(self, dst: int, meta: dict, tensors: Tensors):
+        self._check_call(dst)
+        self._count(num_calls=1)
+        if dst == self.rank:
+            return dst, (meta, tensors)
+        envelope, region = encode_split(meta, tensors)
+        self._count(bytes_sent=len(envelope) + region.numel())
+        method = getattr(self._peer(dst), self.method)
+        return dst, method.remote(self.rank, envelope, region.numpy())
 
     def _finish_call(self, p) -> Reply:
         dst, ref = p

@@ -16,6 +16,19 @@ from fabric.sequence import SamplingParams
 from fabric.tokenizer import ByteTokenizer
 
 NAMESPACE = "kv-fabric"
+REQUEST_KEYS = {"id", "prompt", "max_new_tokens", "temperature", "seed", "ignore_eos"}
+
+
+def _request_id(req) -> str:
+    rid = req.get("id") if isinstance(req, dict) else None
+    return str(rid) if rid is not None else uuid.uuid4().hex
+
+
+def _error_class(name: str | None) -> type:
+    from fabric import errors
+
+    cls = getattr(errors, name or "", None)
+    return cls if isinstance(cls, type) and issubclass(cls, FabricError) else FabricError
 
 
 def _actor_names(name: str, count: int) -> tuple[str, list[str]]:
@@ -126,36 +139,73 @@ class Fabric:
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompts, *, max_new_tokens: int = 16, temperature: float = 0.0,
-                 seed: int | None = None, ignore_eos: bool = False) -> list[Result]:
+                 seed: int | None = None, ignore_eos: bool = False,
+                 errors: str = "raise") -> list[Result]:
         """Generate for each prompt (token ids or text). Greedy when temperature is 0.
 
-        Every request is checked before any work starts: a bad one raises `RequestError`
-        (`CapacityError` if it cannot fit in the whole fabric) and nothing is run."""
-        import ray
-
+        errors="raise": every request is checked before any work starts; a bad one raises
+        `RequestError` (`CapacityError` if it cannot fit in the whole fabric) and nothing runs.
+        errors="return": a bad request comes back as a `Result` with `error` set; the rest run."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
             raise RequestError("prompts must be a list of prompts (token-id lists or strings)")
-        params = SamplingParams(max_new_tokens, temperature, seed, ignore_eos)
-        reqs = [self._request(i, p, params) for i, p in enumerate(prompts)]
-        groups: dict[int, list[dict]] = {}
-        for r in reqs:
-            groups.setdefault(self._pick_home(), []).append(r)
-        refs = {h: self.instances[h].generate.remote(rs) for h, rs in groups.items()}
-        done = {d["id"]: d for out in ray.get(list(refs.values())) for d in out}
-        return [self._result(done[r["id"]]) for r in reqs]
+        return self.submit([{"prompt": p, "max_new_tokens": max_new_tokens,
+                             "temperature": temperature, "seed": seed, "ignore_eos": ignore_eos}
+                            for p in prompts], errors=errors)
 
-    def _request(self, index: int, prompt, params: SamplingParams) -> dict:
+    def submit(self, requests: list[dict], *, errors: str = "raise") -> list[Result]:
+        """Run requests with their own settings: each a dict with `prompt` and optionally `id`,
+        `max_new_tokens` (16), `temperature` (0.0), `seed`, `ignore_eos` (False)."""
+        import ray
+
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        checked: list[dict | Result] = []
+        for i, r in enumerate(requests):
+            try:
+                checked.append(self._request(i, r))
+            except FabricError as e:
+                if errors == "raise":
+                    raise
+                checked.append(Result([], finish_reason="error", request_id=_request_id(r),
+                                      error=str(e), error_type=type(e).__name__))
+        groups: dict[int, list[dict]] = {}
+        for r in checked:
+            if isinstance(r, dict):
+                groups.setdefault(self._pick_home(), []).append(r)
+        refs = [self.instances[h].generate.remote(rs) for h, rs in groups.items()]
+        done = {d["id"]: d for out in ray.get(refs) for d in out}
+        results = [r if isinstance(r, Result) else self._result(done[r["id"]]) for r in checked]
+        if errors == "raise":
+            for r in results:
+                if r.error is not None:
+                    raise _error_class(r.error_type)(r.error)
+        return results
+
+    def _request(self, index: int, req) -> dict:
+        if not isinstance(req, dict):
+            raise RequestError(f"request {index} must be a mapping, got {type(req).__name__}")
+        unknown = sorted(set(req) - REQUEST_KEYS)
+        if unknown:
+            raise RequestError(f"request {index}: unknown field {unknown[0]!r}")
+        prompt = req.get("prompt")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError(f"prompt {index} is text but the checkpoint has no tokenizer")
             prompt = list(self.tokenizer.encode(prompt))
+        params = SamplingParams(req.get("max_new_tokens", 16), req.get("temperature", 0.0),
+                                req.get("seed"), bool(req.get("ignore_eos", False)))
+        seed = params.seed
         try:
+            if prompt is None:
+                raise RequestError("prompt is missing")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+                raise RequestError(f"seed must be an integer, got {seed!r}")
             check_request(prompt, params, self.vocab_size, self.max_positions)
             check_capacity(len(prompt) + params.max_new_tokens, self.block_size, self.max_request_blocks)
         except FabricError as e:
             raise type(e)(f"prompt {index}: {e}") from None
-        return {"id": uuid.uuid4().hex, "prompt": list(prompt), "max_new_tokens": params.max_new_tokens,
-                "temperature": float(params.temperature), "seed": params.seed,
+        return {"id": _request_id(req), "prompt": list(prompt), "max_new_tokens": params.max_new_tokens,
+                "temperature": float(params.temperature), "seed": seed,
                 "ignore_eos": params.ignore_eos}
 
     def _pick_home(self) -> int:
@@ -165,7 +215,8 @@ class Fabric:
 
     def _result(self, d: dict) -> Result:
         if "error" in d:
-            raise RequestError(d["error"]) if d["error_type"] == "RequestError" else FabricError(d["error"])
+            return Result([], finish_reason="error", request_id=d["id"], error=d["error"],
+                          error_type=d["error_type"])
         text = self.tokenizer.decode(d["tokens"]) if self.tokenizer is not None else ""
         return Result(tokens=d["tokens"], text=text, finish_reason=d["finish_reason"],
                       metrics=d["metrics"], request_id=d["id"], home=d["home"])

@@ -13,7 +13,11 @@ class Result:
     metrics: dict = field(default_factory=dict)
     request_id: str = ""
     home: int = -1                          # instance that served it
+    error: str | None = None                # set when finish_reason == "error"
+    error_type: str | None = None           # "RequestError", "CapacityError", ...
 
     def to_dict(self) -> dict:
+        if self.error is not None:
+            return {"id": self.request_id, "error": self.error, "error_type": self.error_type}
         return {"id": self.request_id, "tokens": self.tokens, "text": self.text,
                 "finish_reason": self.finish_reason, "metrics": self.metrics}

@@ -98,6 +98,12 @@ def test_mixed_concurrent_requests_capacity_and_bad_input(cluster, checkpoint):
         with pytest.raises(fabric.RequestError, match="max_new_tokens"):
             fab.generate([[1, 2]], max_new_tokens=0)
 
+        mixed = fab.generate([prompts[1], [], prompts[4], [7, 100000]], max_new_tokens=10,
+                             ignore_eos=True, errors="return")
+        assert [r.error_type for r in mixed] == [None, "RequestError", None, "RequestError"]
+        assert mixed[0].tokens == results[1].tokens and mixed[2].tokens == results[4].tokens
+        assert "vocabulary" in mixed[3].error
+
         again = fab.generate(prompts[:2], max_new_tokens=10, ignore_eos=True)
         assert [r.tokens for r in again] == [r.tokens for r in results[:2]]
         assert all_blocks_home(fab)
