@@ -27,6 +27,7 @@ from fabric.messages import Heartbeat
 from fabric.model import load_model
 from fabric.rmanager import BlockRef
 from fabric.sequence import SamplingParams
+from actors.metrics import InstanceMetrics
 from actors.transport import TransportHost
 
 BORROW_CHUNK = 8      # blocks borrowed at least per borrow event: keeps control calls off the token path
@@ -35,11 +36,13 @@ BORROW_RETRY_S = 0.05  # after a failed borrow, wait this long before asking the
 
 
 class InstanceActor(TransportHost):
-    def __init__(self, instance_id: int, config: dict, controller_name: str, namespace: str):
+    def __init__(self, instance_id: int, config: dict, controller_name: str, namespace: str,
+                 fabric_name: str = ""):
         self.cfg: FabricConfig = load_config(config)
         self.id = instance_id
         self.controller = ray.get_actor(controller_name, namespace=namespace)
         self.engine = self._build_engine()
+        self.metrics = InstanceMetrics(instance_id, fabric_name)
         self.lock = threading.RLock()
         self.inbox: queue.Queue = queue.Queue()
         self.waiters: dict[str, tuple[threading.Event, dict]] = {}
@@ -152,9 +155,11 @@ class InstanceActor(TransportHost):
 
     def _finish(self, seq) -> None:
         ev, slot = self.waiters.pop(seq.req_id)
+        m = seq.metrics()
         slot.update(id=seq.req_id, tokens=list(seq.output), finish_reason=seq.finish_reason,
-                    metrics=seq.metrics(), home=self.id)
+                    metrics=m, home=self.id)
         ev.set()
+        self.metrics.observe_request(m["ttft_s"], m["tpot_s"])
 
     def _fail_all(self, exc: Exception) -> None:
         for req_id in list(self.engine.seqs):
@@ -247,12 +252,23 @@ class InstanceActor(TransportHost):
 
     # ---- books for the controller and stats ------------------------------------------------
     def _heartbeats(self) -> None:
+        last = time.perf_counter()
         while not self.stopped:
             try:
                 self.controller.heartbeat.remote(self.heartbeat())
+                now = time.perf_counter()
+                self._refresh_metrics(now - last)
+                last = now
             except Exception:
                 pass
             time.sleep(self.cfg.lending.heartbeat_s)
+
+    def _refresh_metrics(self, seconds: float) -> None:
+        rm, sched = self.engine.rm, self.engine.scheduler
+        self.metrics.refresh(total=rm.num_blocks, free=rm.num_free, lent=rm.num_lent,
+                             borrowed=rm.num_borrowed, waiting=len(sched.waiting),
+                             running=len(sched.running), generated=self.engine.num_generated,
+                             borrow_events=rm.num_borrow_events, seconds=seconds)
 
     def heartbeat(self) -> dict:
         with self.lock:

@@ -71,7 +71,7 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
     instances = [actor_cls.options(
         name=n, namespace=NAMESPACE, lifetime=lifetime, num_cpus=cfg.instances.num_cpus,
         num_gpus=gpus, scheduling_strategy="SPREAD",
-    ).remote(i, cfg.to_dict(), ctrl_name, NAMESPACE) for i, n in enumerate(inst_names)]
+    ).remote(i, cfg.to_dict(), ctrl_name, NAMESPACE, name) for i, n in enumerate(inst_names)]
     fab = Fabric(name, cfg, controller, instances, owns_ray)
     fab._connect_data_plane()
     return fab
