@@ -1,0 +1,186 @@
+"""Torch backend: the reference implementation, and the CPU product path.
+
+Vectorised: blocks are gathered with index ops, attention runs as batched matmul + softmax in
+float32. Unlike the Triton backend it also checks tensor *values* (block tables cover the
+lengths, slots lie in the pool), which costs a host synchronisation on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import torch
+
+from kernels.checks import check_decode, check_merge, check_prefill, check_write
+
+NEG_INF = float("-inf")
+# KV is attended in chunks of whole blocks: at most this many gathered K elements (float32)
+# and score elements at once, so long contexts never materialise their whole KV again.
+GATHER_BUDGET = 1 << 21
+SCORE_BUDGET = 1 << 23
+
+
+def paged_attention_partial(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    """Decode attention over paged KV; shapes as in `kernels.paged_attention_partial`."""
+    check_decode(q, k_cache, v_cache, block_tables, seq_lens)
+    lens = seq_lens.long()
+    _check_tables(block_tables, lens, k_cache, "seq_lens[{}]")
+    return _attend_tokens(q, k_cache, v_cache, block_tables, lens, scale)
+
+
+def paged_prefill_partial(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale):
+    """Chunked-prefill attention over paged KV; shapes as in `kernels.paged_prefill_partial`."""
+    check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens)
+    cu = _check_cu_seqlens(cu_seqlens_q, q.shape[0])
+    lens = kv_lens.long()
+    q_lens = torch.tensor([b - a for a, b in pairwise(cu)], device=q.device)
+    seq_ids = torch.repeat_interleave(torch.arange(len(q_lens), device=q.device), q_lens)
+    seq_max = torch.zeros_like(q_lens).scatter_reduce_(0, seq_ids, lens, "amax")
+    _check_tables(block_tables, seq_max, k_cache, "the longest kv_lens of sequence {}")
+
+    out = q.new_zeros(q.shape)
+    lse = torch.full(q.shape[:2], NEG_INF, dtype=torch.float32, device=q.device)
+    # Sequences with a single query token (decode rows of a mixed batch) go in one batch.
+    singles = [cu[b] for b in range(len(q_lens)) if cu[b + 1] - cu[b] == 1]
+    if singles:
+        rows = torch.tensor(singles, device=q.device)
+        out[rows], lse[rows] = _attend_tokens(q[rows], k_cache, v_cache,
+                                              block_tables[seq_ids[rows]], lens[rows], scale)
+    for b in range(len(q_lens)):
+        if cu[b + 1] - cu[b] > 1:
+            rows = slice(cu[b], cu[b + 1])
+            out[rows], lse[rows] = _attend_sequence(q[rows], k_cache, v_cache, block_tables[b],
+                                                    lens[rows], scale)
+    return out, lse
+
+
+def merge_attention_states(outs, lses):
+    """Exact merge of partials; shapes as in `kernels.merge_attention_states`."""
+    check_merge(outs, lses)
+    lses = lses.float()
+    lse = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - lse.masked_fill(lse == NEG_INF, 0.0))  # exactly 0 where lse_i=-inf
+    terms = (outs.float() * weights.unsqueeze(-1)).masked_fill((weights == 0).unsqueeze(-1), 0.0)
+    return terms.sum(dim=0).to(outs.dtype), lse
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Scatters k, v [N, H_kv, D] into the caches at `slot_mapping` [N] (-1 = skip), in place."""
+    check_write(k, v, k_cache, v_cache, slot_mapping)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if slots.numel() and int(slots.max()) >= num_slots:
+        raise ValueError(f"slot_mapping holds slot {int(slots.max())} but the pool has only "
+                         f"{num_slots} slots ({k_cache.shape[0]} blocks x {k_cache.shape[1]})")
+    blocks, offsets = slots // k_cache.shape[1], slots % k_cache.shape[1]
+    k_cache[blocks, offsets] = k[keep]
+    v_cache[blocks, offsets] = v[keep]
+
+
+def _attend_tokens(q, k_cache, v_cache, tables, lens, scale):
+    """One query token per row: q [N, H, D], tables [N, M], lens [N] -> out, lse."""
+    num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    grouped = q.reshape(num_rows, num_kv_heads, group, head_dim).float()
+    out, lse = _attend_paged(grouped, k_cache, v_cache, tables, lens[:, None].expand(-1, group),
+                             scale)
+    return out.reshape(num_rows, num_heads, head_dim).to(q.dtype), lse.reshape(num_rows, num_heads)
+
+
+def _attend_sequence(q, k_cache, v_cache, table, lens, scale):
+    """Query tokens of one sequence: q [T, H, D], table [M], lens [T] -> out, lse [T, H]."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    rows = q.float().reshape(num_tokens, num_kv_heads, group, head_dim).transpose(0, 1)
+    rows = rows.reshape(1, num_kv_heads, num_tokens * group, head_dim)       # row = (token, g)
+    out, lse = _attend_paged(rows, k_cache, v_cache, table[None],
+                             lens.repeat_interleave(group)[None], scale)
+    out = out.reshape(num_kv_heads, num_tokens, group, head_dim).transpose(0, 1)
+    lse = lse.reshape(num_kv_heads, num_tokens, group).transpose(0, 1)
+    return out.reshape(num_tokens, num_heads, head_dim).to(q.dtype), lse.reshape(num_tokens, -1)
+
+
+def _attend_paged(q, k_cache, v_cache, tables, row_lens, scale):
+    """q [N, H_kv, R, D] float32; row r of n sees the first row_lens[n, r] tokens of tables[n].
+
+    Walks the KV in chunks (whole blocks) so that gathered K/V and scores stay within their
+    budgets, merging chunk partials exactly. -> out [N, H_kv, R, D], lse [N, H_kv, R]."""
+    num_rows, num_kv_heads, rows_per, head_dim = q.shape
+    block_size = k_cache.shape[1]
+    max_len = int(row_lens.max()) if row_lens.numel() else 0
+    per_token = max(1, num_rows * num_kv_heads * max(head_dim, rows_per))
+    chunk = max(1, min(GATHER_BUDGET, SCORE_BUDGET) // per_token // block_size) * block_size
+    out = q.new_zeros(q.shape)
+    lse = q.new_full(q.shape[:3], NEG_INF)
+    for start in range(0, max_len, chunk):
+        end = min(start + chunk, max_len)
+        k, v = (_gather(cache, tables, start, end) for cache in (k_cache, v_cache))
+        part = _attend(q, k, v, row_lens - start, scale)
+        out, lse = part if start == 0 else _merge_two(out, lse, *part)
+    return out, lse
+
+
+def _attend(q, k, v, row_lens, scale):
+    """q [N, H_kv, R, D], k/v [N, H_kv, L, D] float32; row r sees keys [0, row_lens[n, r]).
+
+    Returns out [N, H_kv, R, D] (0 where a row sees nothing) and lse [N, H_kv, R] (-inf there)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)                 # [N, H_kv, R, L]
+    positions = torch.arange(k.shape[2], device=q.device)
+    scores.masked_fill_(positions >= row_lens[:, None, :, None], NEG_INF)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores.sub_(lse.masked_fill(lse == NEG_INF, 0.0).unsqueeze(-1)))
+    return torch.matmul(probs, v), lse
+
+
+def _merge_two(out_a, lse_a, out_b, lse_b):
+    """Exact merge of two partials of the same rows (either may be over no tokens)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = lse.masked_fill(lse == NEG_INF, 0.0)
+    w_a, w_b = torch.exp(lse_a - safe).unsqueeze(-1), torch.exp(lse_b - safe).unsqueeze(-1)
+    return out_a.mul_(w_a).add_(out_b.mul_(w_b)), lse
+
+
+def _gather(cache, tables, start, end):
+    """Tokens [start, end) of each table: cache [num_blocks, bs, H_kv, D], tables [N, M] ->
+    float32 [N, H_kv, end - start, D]; positions past a table's use read block 0 (masked later).
+
+    One index_select of D-element rows straight into head-major order (no second transpose
+    copy); a cache that is not contiguous takes the slower two-index gather."""
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    positions = torch.arange(start, end, device=cache.device)
+    pages = tables[:, positions // block_size].long().clamp_min(0)            # [N, L]
+    if not cache.is_contiguous():
+        tokens = cache[pages, positions % block_size]                          # [N, L, H_kv, D]
+        return tokens.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    slots = pages * block_size + positions % block_size
+    heads = torch.arange(num_kv_heads, device=cache.device)[:, None]
+    rows = slots[:, None, :] * num_kv_heads + heads                            # [N, H_kv, L]
+    gathered = cache.view(-1, head_dim).index_select(0, rows.view(-1))
+    return gathered.view(len(tables), num_kv_heads, end - start, head_dim).float()
+
+
+def _check_tables(tables, lens, cache, what: str) -> None:
+    """Every block a length needs must be a real block of the pool (not -1, not past its end)."""
+    num_blocks, block_size = cache.shape[0], cache.shape[1]
+    needed = (lens + block_size - 1) // block_size
+    if needed.numel() and int(needed.max()) > tables.shape[1]:
+        row = int(needed.argmax())
+        raise ValueError(f"{what.format(row)}={int(lens[row])} needs {int(needed[row])} blocks of "
+                         f"{block_size} tokens but block_tables has only {tables.shape[1]} columns")
+    used = torch.arange(tables.shape[1], device=tables.device)[None, :] < needed[:, None]
+    bad = used & ((tables < 0) | (tables >= num_blocks))
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"block_tables[{row}, {col}] = {int(tables[row, col])} is not a block "
+                         f"of the pool (0..{num_blocks - 1}) but {what.format(row)}="
+                         f"{int(lens[row])} uses it")
+
+
+def _check_cu_seqlens(cu_seqlens_q, num_tokens: int) -> list[int]:
+    cu = cu_seqlens_q.tolist()
+    if cu[0] != 0 or cu[-1] != num_tokens or any(b < a for a, b in pairwise(cu)):
+        raise ValueError(f"cu_seqlens_q must rise from 0 to T={num_tokens}, got {cu}")
+    return cu
