@@ -6,6 +6,7 @@ Imports `ray` lazily: only this module touches it, and only when a fabric starts
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 from fabric.config import FabricConfig, load_config
@@ -35,7 +36,7 @@ def _actor_names(name: str, count: int) -> tuple[str, list[str]]:
     return f"kvfabric-{name}-controller", [f"kvfabric-{name}-instance-{i}" for i in range(count)]
 
 
-def _init_ray(address: str | None, cfg: FabricConfig) -> bool:
+def _init_ray(address: str | None, cfg: FabricConfig | None) -> bool:
     """Connect or start Ray; True when this call started an embedded cluster."""
     import ray
 
@@ -46,12 +47,31 @@ def _init_ray(address: str | None, cfg: FabricConfig) -> bool:
         ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
         return True
-    ray.init(address=address, namespace=NAMESPACE)
+    _use_token_auth()
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    except Exception as e:
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            hint = (" (a cluster started with `ray start` uses token authentication: run with "
+                    "RAY_AUTH_MODE=token and the token in ~/.ray/auth_token)")
+        raise FabricError(f"could not connect to Ray at {address!r}: {e}{hint}") from None
     return False
+
+
+def _use_token_auth() -> None:
+    """Ray 2.60's `ray start` turns token authentication on; a driver must say so to connect.
+    When a token is present and the user chose nothing, use it (and say so)."""
+    token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if "RAY_AUTH_MODE" not in os.environ and (os.path.isfile(token) or os.environ.get("RAY_AUTH_TOKEN")):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        print("kv-fabric: using Ray token authentication (RAY_AUTH_MODE=token)", file=sys.stderr)
 
 
 def start(config=None, *, address: str | None = None, name: str | None = None,
           detached: bool = False) -> "Fabric":
+    if address is not None:
+        _use_token_auth()          # before Ray is imported: it reads the mode once
     import ray
 
     from actors.controller import ControllerActor
@@ -78,10 +98,11 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
 
 
 def connect(name: str, *, address: str | None = None) -> "Fabric":
+    _use_token_auth()
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or "auto", namespace=NAMESPACE)
+        _init_ray(address or "auto", None)
     ctrl_name, _ = _actor_names(name, 0)
     try:
         controller = ray.get_actor(ctrl_name, namespace=NAMESPACE)
