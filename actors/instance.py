@@ -45,7 +45,8 @@ class InstanceActor(TransportHost):
         self.metrics = InstanceMetrics(instance_id, fabric_name)
         self.lock = threading.RLock()
         self.inbox: queue.Queue = queue.Queue()
-        self.waiters: dict[str, tuple[threading.Event, dict]] = {}
+        self.waiters: dict[str, _Waiter] = {}
+        self.cancelled: set[str] = set()
         self.wake = threading.Event()
         self.stopped = False
         self.transport = None
@@ -99,23 +100,49 @@ class InstanceActor(TransportHost):
     def generate(self, requests: list[dict]) -> list[dict]:
         """Run `requests` ({id, prompt, max_new_tokens, temperature, seed, ignore_eos}) to the end.
         A bad request yields {"id", "error", "error_type"} without touching the others."""
-        events = []
-        for r in requests:
-            ev, slot = threading.Event(), {}
-            try:
-                params = SamplingParams(r.get("max_new_tokens", 16), r.get("temperature", 0.0),
-                                        r.get("seed"), r.get("ignore_eos", False))
-                self.engine.validate(r["prompt"], params)
-                self.waiters[r["id"]] = (ev, slot)
-                self.inbox.put((r["id"], r["prompt"], params))
-            except FabricError as e:
-                slot.update(id=r["id"], error=str(e), error_type=type(e).__name__)
-                ev.set()
-            events.append((ev, slot))
+        waiters = [self._enqueue(r, stream=False) for r in requests]
         self.wake.set()
-        for ev, _ in events:
-            ev.wait()
-        return [slot for _, slot in events]
+        for w in waiters:
+            w.event.wait()
+        return [w.slot for w in waiters]
+
+    def stream(self, request: dict):
+        """Yield each token id as it is made, then the final result dict (a Ray streaming
+        generator: call with `.options(num_returns="streaming")`)."""
+        w = self._enqueue(request, stream=True)
+        self.wake.set()
+        while (tok := w.tokens.get()) is not None:
+            yield tok
+        yield w.slot
+
+    def abort(self, req_id: str) -> bool:
+        """Cancel a request: its blocks, local and borrowed, are freed at once."""
+        with self.lock:
+            seq = self.engine.seqs.get(req_id)
+            if seq is None:
+                self.cancelled.add(req_id)            # still in the inbox: dropped on admission
+            else:
+                self.engine.abort(req_id)
+                rm = self.engine.rm
+                rm.release_spares(keep=max(0, self.engine.scheduler.num_blocks_wanted() - rm.num_free))
+        w = self.waiters.pop(req_id, None)
+        if w is None:
+            return False
+        w.done(id=req_id, tokens=list(seq.output) if seq else [], finish_reason="abort",
+               metrics=seq.metrics() if seq else {}, home=self.id)
+        return True
+
+    def _enqueue(self, r: dict, stream: bool) -> "_Waiter":
+        w = _Waiter(stream)
+        try:
+            params = SamplingParams(r.get("max_new_tokens", 16), r.get("temperature", 0.0),
+                                    r.get("seed"), r.get("ignore_eos", False))
+            self.engine.validate(r["prompt"], params)
+            self.waiters[r["id"]] = w
+            self.inbox.put((r["id"], r["prompt"], params))
+        except FabricError as e:
+            w.done(id=r["id"], error=str(e), error_type=type(e).__name__)
+        return w
 
     def _loop(self) -> None:
         while not self.stopped:
@@ -129,13 +156,17 @@ class InstanceActor(TransportHost):
             with self.lock:
                 try:
                     steps_before = self.engine.num_steps
-                    _, finished = self.engine.step()
+                    new, finished = self.engine.step()
                 except Exception as e:           # never lose requests silently
                     self._fail_all(e)
                     continue
             if self.engine.num_steps == steps_before:     # all waiting for memory
                 self.wake.wait(0.01)
                 self.wake.clear()
+            for seq, tok in new:
+                w = self.waiters.get(seq.req_id)
+                if w is not None and w.tokens is not None:
+                    w.tokens.put(tok)
             for seq in finished:
                 self._finish(seq)
 
@@ -145,29 +176,30 @@ class InstanceActor(TransportHost):
                 req_id, prompt, params = self.inbox.get_nowait()
             except queue.Empty:
                 return
+            if req_id in self.cancelled:
+                self.cancelled.discard(req_id)
+                continue
             try:
                 with self.lock:
                     self.engine.add_request(prompt, params, req_id=req_id)
             except FabricError as e:
-                ev, slot = self.waiters.pop(req_id)
-                slot.update(id=req_id, error=str(e), error_type=type(e).__name__)
-                ev.set()
+                self.waiters.pop(req_id).done(id=req_id, error=str(e), error_type=type(e).__name__)
 
     def _finish(self, seq) -> None:
-        ev, slot = self.waiters.pop(seq.req_id)
+        w = self.waiters.pop(seq.req_id, None)
+        if w is None:
+            return
         m = seq.metrics()
-        slot.update(id=seq.req_id, tokens=list(seq.output), finish_reason=seq.finish_reason,
-                    metrics=m, home=self.id)
-        ev.set()
+        w.done(id=seq.req_id, tokens=list(seq.output), finish_reason=seq.finish_reason,
+               metrics=m, home=self.id)
         self.metrics.observe_request(m["ttft_s"], m["tpot_s"])
 
     def _fail_all(self, exc: Exception) -> None:
         for req_id in list(self.engine.seqs):
-            seq = self.engine.seqs[req_id]
             self.engine.abort(req_id)
-            ev, slot = self.waiters.pop(seq.req_id)
-            slot.update(id=req_id, error=f"instance {self.id} failed: {exc!r}", error_type="FabricError")
-            ev.set()
+            w = self.waiters.pop(req_id, None)
+            if w is not None:
+                w.done(id=req_id, error=f"instance {self.id} failed: {exc!r}", error_type="FabricError")
 
     # ---- borrowing (debtor side) ---------------------------------------------------------
     def _borrow_ahead(self) -> None:
@@ -304,6 +336,21 @@ class InstanceActor(TransportHost):
         self.wake.set()
         if self.transport is not None:
             self.transport.close()
+
+
+class _Waiter:
+    """Where a request's caller waits: an event and the result, plus a token queue if streamed."""
+    __slots__ = ("event", "slot", "tokens")
+
+    def __init__(self, stream: bool):
+        self.event, self.slot = threading.Event(), {}
+        self.tokens: queue.Queue | None = queue.Queue() if stream else None
+
+    def done(self, **result) -> None:
+        self.slot.update(result)
+        self.event.set()
+        if self.tokens is not None:
+            self.tokens.put(None)
 
 
 class TransportPartials:

@@ -129,6 +129,7 @@ class Fabric:
         self.max_request_blocks = self._max_request_blocks()
         self.tokenizer = self._tokenizer()
         self._next_home = 0
+        self._homes: dict[str, int] = {}      # streamed request id -> home instance
 
     def _max_request_blocks(self) -> int:
         """The largest request an empty fabric can hold: its home's whole pool plus what every
@@ -228,6 +229,42 @@ class Fabric:
         return {"id": _request_id(req), "prompt": list(prompt), "max_new_tokens": params.max_new_tokens,
                 "temperature": float(params.temperature), "seed": seed,
                 "ignore_eos": params.ignore_eos}
+
+    def stream(self, prompt, *, max_new_tokens: int = 16, temperature: float = 0.0,
+               seed: int | None = None, ignore_eos: bool = False, request_id: str | None = None):
+        """Yield generated token ids one by one as the fabric makes them. Leaving the loop early
+        (break, exception, garbage collection) cancels the request and frees its blocks."""
+        import ray
+
+        req = self._request(0, {"prompt": prompt, "max_new_tokens": max_new_tokens,
+                                "temperature": temperature, "seed": seed,
+                                "ignore_eos": ignore_eos, "id": request_id})
+        home = self._pick_home()
+        self._homes[req["id"]] = home
+        gen = self.instances[home].stream.options(num_returns="streaming").remote(req)
+        finished = False
+        try:
+            for ref in gen:
+                item = ray.get(ref)
+                if isinstance(item, dict):
+                    finished = True
+                    if "error" in item:
+                        raise _error_class(item["error_type"])(item["error"])
+                    return
+                yield item
+        finally:
+            self._homes.pop(req["id"], None)
+            if not finished:
+                self.instances[home].abort.remote(req["id"])
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a streamed request by id (see `stream(request_id=...)`); True if it was live."""
+        import ray
+
+        home = self._homes.get(request_id)
+        if home is None:
+            return False
+        return ray.get(self.instances[home].abort.remote(request_id))
 
     def _pick_home(self) -> int:
         home = self._next_home
