@@ -47,6 +47,8 @@ class InstanceActor(TransportHost):
         self.inbox: queue.Queue = queue.Queue()
         self.waiters: dict[str, _Waiter] = {}
         self.cancelled: set[str] = set()
+        self.dead_peers: set[int] = set()
+        self.num_recoveries = 0
         self.wake = threading.Event()
         self.stopped = False
         self.transport = None
@@ -153,13 +155,19 @@ class InstanceActor(TransportHost):
                 self.wake.clear()
                 continue
             self._borrow_ahead()
+            failed_peers = None
             with self.lock:
                 try:
                     steps_before = self.engine.num_steps
                     new, finished = self.engine.step()
-                except Exception as e:           # never lose requests silently
-                    self._fail_all(e)
-                    continue
+                except Exception as e:
+                    failed_peers = getattr(e, "failed_peers", None)
+                    if not failed_peers:         # never lose requests silently
+                        self._fail_all(e)
+                        continue
+            if failed_peers:
+                self._recover_from(failed_peers)
+                continue
             if self.engine.num_steps == steps_before:     # all waiting for memory
                 self.wake.wait(0.01)
                 self.wake.clear()
@@ -169,6 +177,47 @@ class InstanceActor(TransportHost):
                     w.tokens.put(tok)
             for seq in finished:
                 self._finish(seq)
+
+    def _recover_from(self, peers: list[int]) -> None:
+        """A creditor stopped answering: requests with KV there are recomputed from their tokens
+        on healthy instances (their other blocks are kept or returned); a dead creditor is
+        forgotten here, in the ledger, and in the books of those that lent to it."""
+        dead = [p for p in peers if not self._is_alive(p)]
+        with self.lock:
+            sched, rm = self.engine.scheduler, self.engine.rm
+            for seq in list(sched.running):
+                if any(r.instance in peers for r in rm.tables.get(seq.req_id, ())):
+                    sched.preempt(seq)
+            for p in dead:
+                rm.forget_instance(p)
+            self.num_recoveries += 1
+        for p in dead:
+            self.dead_peers.add(p)
+            self._tell_controller("remove_instance", p)
+            for i, peer in enumerate(self.peers):
+                if i != self.id and i not in self.dead_peers:
+                    peer.drop_debtor.remote(p)
+
+    def _is_alive(self, peer: int) -> bool:
+        try:
+            ray.get(self.peers[peer].info.remote(), timeout=5)
+            return True
+        except Exception:
+            return False
+
+    def _tell_controller(self, method: str, *args) -> None:
+        try:
+            getattr(self.controller, method).remote(*args)
+        except Exception:
+            pass      # restarting: the next heartbeats rebuild its ledger
+
+    def drop_debtor(self, debtor: int) -> int:
+        """`debtor` died: take back every block lent to it."""
+        with self.lock:
+            n = self.engine.rm.drop_debtor(debtor)
+        self.dead_peers.add(debtor)
+        self._beat_now()
+        return n
 
     def _admit(self) -> None:
         while True:
@@ -210,7 +259,11 @@ class InstanceActor(TransportHost):
             short = self.engine.scheduler.num_blocks_wanted() - rm.num_free - rm.num_spare
         if short <= 0 or time.perf_counter() < self._borrow_retry_at:
             return
-        if not self._borrow(max(short, BORROW_CHUNK), short):
+        try:
+            ok = self._borrow(max(short, BORROW_CHUNK), short)
+        except Exception:          # the controller restarts, or a creditor died: try again later
+            ok = False
+        if not ok:
             self._borrow_retry_at = time.perf_counter() + BORROW_RETRY_S   # wait for memory to free
 
     def _borrow(self, n: int, at_least: int) -> bool:
@@ -261,7 +314,7 @@ class InstanceActor(TransportHost):
 
     def _beat_now(self) -> None:
         """The books changed: tell the ledger now rather than at the next periodic beat."""
-        self.controller.heartbeat.remote(self.heartbeat())
+        self._tell_controller("heartbeat", self.heartbeat())
 
     def serve_transport(self, src: int, meta: dict, tensors: list[torch.Tensor]):
         """A debtor's attention micro-task over blocks this instance holds for it."""
@@ -327,6 +380,7 @@ class InstanceActor(TransportHost):
                     "blocks_borrowed_total": self.num_blocks_borrowed_total,
                     "controller_calls": self.num_controller_calls,
                     "remote_partials_served": self.num_remote_partials_served,
+                    "recoveries": self.num_recoveries, "dead_peers": sorted(self.dead_peers),
                     "serve_seconds": self.serve_seconds,
                     "remote_wait_seconds": getattr(self.engine.remote, "wait_seconds", 0.0),
                     "transport": self.transport.stats() if self.transport else {}}

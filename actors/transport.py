@@ -190,7 +190,7 @@ class _Endpoint(Transport):
             except Exception as e:
                 pending.append(e if isinstance(e, (TransportError, WireError)) else
                                TransportError(f"rank {self.rank}: call to rank {dst} failed: {e}"))
-        return PendingCalls(self, pending)
+        return PendingCalls(self, pending, [dst for dst, _, _ in requests])
 
     def call_many(self, requests: list[Request]) -> list[Reply]:
         return self.start_many(requests).result()
@@ -201,10 +201,11 @@ class _Endpoint(Transport):
     def _finish_call(self, pending) -> Reply:
         raise NotImplementedError
 
-    def _collect(self, pending: list, finish: Callable) -> list[Reply]:
-        """Finish every pending call even after a failure (no reply is left in flight)."""
-        replies, first_error = [], None
-        for p in pending:
+    def _collect(self, pending: list, finish: Callable, dsts: list[int] | None = None) -> list[Reply]:
+        """Finish every pending call even after a failure (no reply is left in flight). The
+        error raised carries `failed_peers`: the destinations whose calls failed."""
+        replies, first_error, failed = [], None, []
+        for i, p in enumerate(pending):
             try:
                 if isinstance(p, Exception):
                     raise p
@@ -212,7 +213,10 @@ class _Endpoint(Transport):
             except Exception as e:
                 self._count(num_errors=1)
                 first_error = first_error or e
+                if dsts is not None:
+                    failed.append(dsts[i])
         if first_error is not None:
+            first_error.failed_peers = failed
             raise first_error
         return replies
 
@@ -220,12 +224,12 @@ class _Endpoint(Transport):
 class PendingCalls:
     """Calls in flight from `start_many`; `result()` waits for all of them, once."""
 
-    def __init__(self, endpoint: _Endpoint, pending: list):
-        self._endpoint, self._pending = endpoint, pending
+    def __init__(self, endpoint: _Endpoint, pending: list, dsts: list[int]):
+        self._endpoint, self._pending, self._dsts = endpoint, pending, dsts
 
     def result(self) -> list[Reply]:
         pending, self._pending = self._pending, []
-        return self._endpoint._collect(pending, self._endpoint._finish_call)
+        return self._endpoint._collect(pending, self._endpoint._finish_call, self._dsts)
 
 
 # ---- torch.distributed (gloo) ----------------------------------------------------------------

@@ -85,6 +85,7 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
     lifetime = "detached" if detached else None
     controller = ray.remote(ControllerActor).options(
         name=ctrl_name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=0, max_concurrency=16,
+        max_restarts=-1, max_task_retries=-1,       # restarts rebuild the ledger from heartbeats
     ).remote(cfg.to_dict())
     gpus = 1 if cfg.instances.device == "cuda" else 0
     actor_cls = ray.remote(**transport_actor_options(max_concurrency=64, transport_threads=16))(InstanceActor)
@@ -130,6 +131,7 @@ class Fabric:
         self.tokenizer = self._tokenizer()
         self._next_home = 0
         self._homes: dict[str, int] = {}      # streamed request id -> home instance
+        self.dead: set[int] = set()           # instances found dead
 
     def _max_request_blocks(self) -> int:
         """The largest request an empty fabric can hold: its home's whole pool plus what every
@@ -190,12 +192,7 @@ class Fabric:
                     raise
                 checked.append(Result([], finish_reason="error", request_id=_request_id(r),
                                       error=str(e), error_type=type(e).__name__))
-        groups: dict[int, list[dict]] = {}
-        for r in checked:
-            if isinstance(r, dict):
-                groups.setdefault(self._pick_home(), []).append(r)
-        refs = [self.instances[h].generate.remote(rs) for h, rs in groups.items()]
-        done = {d["id"]: d for out in ray.get(refs) for d in out}
+        done = self._run([r for r in checked if isinstance(r, dict)])
         results = [r if isinstance(r, Result) else self._result(done[r["id"]]) for r in checked]
         if errors == "raise":
             for r in results:
@@ -229,6 +226,44 @@ class Fabric:
         return {"id": _request_id(req), "prompt": list(prompt), "max_new_tokens": params.max_new_tokens,
                 "temperature": float(params.temperature), "seed": seed,
                 "ignore_eos": params.ignore_eos}
+
+    def _run(self, reqs: list[dict]) -> dict[str, dict]:
+        """Spread `reqs` over live instances and wait. A request whose home dies is resubmitted
+        elsewhere and recomputed from its prompt (greedy and seeded sampling give the same)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        done: dict[str, dict] = {}
+        todo = reqs
+        while todo:
+            groups: dict[int, list[dict]] = {}
+            for r in todo:
+                groups.setdefault(self._pick_home(), []).append(r)
+            refs = {h: self.instances[h].generate.remote(rs) for h, rs in groups.items()}
+            todo = []
+            for h, ref in refs.items():
+                try:
+                    done.update((d["id"], d) for d in ray.get(ref))
+                except RayActorError:
+                    self._mark_dead(h)
+                    todo += groups[h]
+        return done
+
+    def _mark_dead(self, home: int) -> None:
+        """Forget a dead instance: no more requests go there; the others take back what they
+        lent it, and the controller drops it from the ledger."""
+        if home in self.dead:
+            return
+        self.dead.add(home)
+        if len(self.dead) == len(self.instances):
+            raise FabricError("every instance of the fabric has died")
+        for i, a in enumerate(self.instances):
+            if i not in self.dead:
+                a.drop_debtor.remote(home)
+        try:
+            self.controller.remove_instance.remote(home)
+        except Exception:
+            pass
 
     def stream(self, prompt, *, max_new_tokens: int = 16, temperature: float = 0.0,
                seed: int | None = None, ignore_eos: bool = False, request_id: str | None = None):
@@ -267,9 +302,12 @@ class Fabric:
         return ray.get(self.instances[home].abort.remote(request_id))
 
     def _pick_home(self) -> int:
-        home = self._next_home
-        self._next_home = (home + 1) % len(self.instances)
-        return home
+        for _ in range(len(self.instances)):
+            home = self._next_home
+            self._next_home = (home + 1) % len(self.instances)
+            if home not in self.dead:
+                return home
+        raise FabricError("every instance of the fabric has died")
 
     def _result(self, d: dict) -> Result:
         if "error" in d:
@@ -283,11 +321,23 @@ class Fabric:
     def stats(self) -> dict:
         import ray
 
-        inst = ray.get([a.stats.remote() for a in self.instances])
+        from ray.exceptions import RayActorError
+
+        inst = []
+        for i, a in enumerate(self.instances):
+            if i in self.dead:
+                continue
+            try:
+                inst.append(ray.get(a.stats.remote()))
+            except RayActorError:
+                self._mark_dead(i)
         ctrl = ray.get(self.controller.stats.remote())
         keys = ("id", "node", "blocks_total", "blocks_free", "blocks_lent", "blocks_borrowed")
+        # the instances own the borrow counters (they survive a controller restart)
+        lending = {"borrow_events": sum(s["borrow_events"] for s in inst),
+                   "blocks_borrowed_total": sum(s["blocks_borrowed_total"] for s in inst)}
         return {"instances": [{k: s[k] for k in keys} | {"detail": s} for s in inst],
-                "lending": ctrl["lending"],
+                "lending": lending,
                 "elastic": {"replicas": len(self.instances), "scale_events": []},
                 "controller": {"calls": ctrl["calls"]}}
 
@@ -302,8 +352,11 @@ class Fabric:
                 ray.get(a.shutdown.remote(), timeout=10)
             except Exception:
                 pass
-            ray.kill(a)
-        ray.kill(self.controller)
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+        ray.kill(self.controller, no_restart=True)
         self.instances = []
         if self._owns_ray:
             ray.shutdown()

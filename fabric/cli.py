@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import socket
 import sys
 import threading
 import time
@@ -14,20 +17,90 @@ DEMO_CONFIG = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fabric.errors import FabricError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (FabricError, UsageError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+class UsageError(Exception):
+    """A command line that cannot run (missing file, conflicting options): exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fabric", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="run a long-context request on an embedded 3-instance fabric")
     demo.add_argument("--config", default=None, help="YAML config (default: built-in demo config)")
     demo.add_argument("--long-prompt", type=int, default=1200, help="tokens in the long prompt")
     demo.add_argument("--max-new-tokens", type=int, default=48)
-    args = parser.parse_args(argv)
-    from fabric.errors import FabricError
+    _add_run(sub)
+    serve = sub.add_parser("serve", help="start a named, detached fabric on a running Ray cluster and exit")
+    serve.add_argument("--config", default=None, help="YAML config (default: built-in default)")
+    _add_target(serve, required_name=True)
+    status = sub.add_parser("status", help="a named fabric's instances: blocks, queues, tokens")
+    _add_target(status, required_name=True)
+    status.add_argument("--window", type=float, default=1.0, metavar="S",
+                        help="seconds between two looks to measure tokens/s (0: no rate)")
+    status.add_argument("--json", action="store_true", help="print fab.stats() as JSON instead")
+    scale = sub.add_parser("scale", help="set a named fabric's elastic MoE replicas")
+    scale.add_argument("--replicas", type=int, required=True)
+    _add_target(scale, required_name=True)
+    stop = sub.add_parser("stop", help="shut a named fabric down")
+    _add_target(stop, required_name=True)
+    return parser
 
+
+def _add_run(sub) -> None:
+    run = sub.add_parser(
+        "run", help="run a JSONL file of requests into a JSONL file of results",
+        description="Each input line: {\"id\", \"prompt\": [ids] or \"text\", \"max_new_tokens\", "
+                    "\"temperature\", \"seed\", \"ignore_eos\"}. Each output line: {\"id\", "
+                    "\"tokens\", \"text\", \"finish_reason\", \"metrics\"} or {\"id\", \"line\", "
+                    "\"error\", \"error_type\"}. Re-running onto the same output skips ids already "
+                    "done and retries failed ones. Exit code: 0 all lines ok, 1 some lines failed, "
+                    "2 the job could not run.")
+    run.add_argument("--input", required=True, help="JSONL file of requests")
+    run.add_argument("--output", required=True, help="JSONL file of results (appended; resumable)")
+    run.add_argument("--config", default=None,
+                     help="YAML config of the fabric to start (default: built-in default)")
+    run.add_argument("--batch-size", type=int, default=32, metavar="K",
+                     help="requests per Fabric.submit call (default 32)")
+    _add_target(run, required_name=False)
+
+
+def _add_target(p: argparse.ArgumentParser, *, required_name: bool) -> None:
+    p.add_argument("--address", default=None,
+                   help="Ray address: \"auto\", \"host:port\" or \"ray://host:10001\" (default: "
+                        "$RAY_ADDRESS, as set under `ray job submit`; else " +
+                        ("a running local cluster)" if required_name else "an embedded local Ray)"))
+    p.add_argument("--name", required=required_name, default=None,
+                   help="name of the fabric" + ("" if required_name else
+                                                " to connect to instead of starting one"))
+
+
+def _address(args) -> str | None:
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        check_reachable(address)
+    return address
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a "host:port" / "ray://host:port" nobody listens on: `ray.init` would retry
+    for minutes. "auto" and other forms are left to Ray."""
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
     try:
-        return {"demo": run_demo}[args.command](args)
-    except FabricError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UsageError(f"cannot reach Ray at {address!r}: {e.strerror or e}") from None
 
 
 def run_demo(args) -> int:
@@ -109,3 +182,146 @@ def _single_instance(cfg, prompt: list[int], max_new_tokens: int) -> None:
         print("single instance: accepted the long request")
     except CapacityError as e:
         print(f"single instance of the same size: rejected ({e})")
+
+
+# ---- run ---------------------------------------------------------------------------------------
+class FabricOpener:
+    """Starts (or connects to) the fabric the first time a job needs it; `close` shuts down only
+    a fabric this job started, never a named one it connected to."""
+
+    def __init__(self, config, address: str | None, name: str | None):
+        self.config, self.address, self.name = config, address, name
+        self.fab = None
+
+    def __call__(self):
+        import fabric
+
+        if self.fab is None:
+            self.fab = fabric.connect(self.name, address=self.address) if self.name else \
+                fabric.start(self.config, address=self.address)
+        return self.fab
+
+    def close(self) -> None:
+        if self.fab is not None and self.name is None:
+            self.fab.shutdown()
+        self.fab = None
+
+
+def check_job_paths(input_path: str, output_path: str) -> None:
+    if not os.path.exists(input_path):
+        raise UsageError(f"input file {input_path!r} does not exist")
+    if not os.path.isfile(input_path):
+        raise UsageError(f"input {input_path!r} is not a file")
+    if not os.access(input_path, os.R_OK):
+        raise UsageError(f"input file {input_path!r} is not readable")
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"output directory {out_dir!r} does not exist")
+    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+        raise UsageError("--output must not be the input file")
+
+
+def run_jobs(args) -> int:
+    import fabric
+    from fabric import jobs
+
+    check_job_paths(args.input, args.output)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.name and args.config:
+        raise UsageError("--config starts a new fabric; a named one (--name) has its own config")
+    config = None if args.name else fabric.load_config(args.config)   # bad config: fail first
+    opener = FabricOpener(config, _address(args), args.name)
+    try:
+        summary = jobs.run_job(opener, args.input, args.output, batch_size=args.batch_size)
+    finally:
+        opener.close()
+    print(summary.format())
+    return 0 if summary.errors == 0 else 1
+
+
+# ---- serve / status / scale / stop -------------------------------------------------------------
+def _connect(args):
+    import fabric
+
+    return fabric.connect(args.name, address=_address(args))
+
+
+def run_serve(args) -> int:
+    import fabric
+    from fabric.errors import FabricError
+
+    cfg = fabric.load_config(args.config)
+    try:
+        _connect(args)
+    except FabricError:
+        pass                                     # the name is free
+    else:
+        raise UsageError(f"a fabric named {args.name!r} is already running")
+    fab = fabric.start(cfg, address=_address(args) or "auto", name=args.name, detached=True)
+    print(f"fabric {fab.name!r} is serving: {len(fab.instances)} instances x "
+          f"{cfg.instances.kv_blocks} blocks x {cfg.instances.block_size} tokens "
+          f"(stop it with: python -m fabric stop --name {fab.name})")
+    return 0
+
+
+def run_status(args) -> int:
+    fab = _connect(args)
+    stats = fab.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2, default=str))
+        return 0
+    rates = None
+    if args.window > 0:
+        time.sleep(args.window)
+        later = fab.stats()
+        rates = [(_generated(b) - _generated(a)) / args.window
+                 for a, b in zip(stats["instances"], later["instances"])]
+        stats = later
+    print(f"fabric {fab.name!r}: {len(stats['instances'])} instances, "
+          f"{stats['elastic']['replicas']} replicas")
+    print(status_table(stats, rates))
+    lending = stats["lending"]
+    print(f"borrow events: {lending['borrow_events']}, "
+          f"blocks borrowed: {lending['blocks_borrowed_total']}")
+    return 0
+
+
+def _generated(inst: dict) -> int:
+    return inst.get("detail", {}).get("num_generated", 0)
+
+
+STATUS_COLUMNS = ("instance", "node", "total", "free", "lent", "borrowed", "running", "waiting",
+                  "generated", "tokens/s")
+
+
+def status_table(stats: dict, rates: list[float] | None = None) -> str:
+    """One row per instance; `rates` (tokens/s per instance) fills the last column."""
+    rows = [STATUS_COLUMNS]
+    for k, s in enumerate(stats["instances"]):
+        d = s.get("detail", {})
+        rate = "-" if rates is None else f"{rates[k]:.1f}"
+        rows.append((str(s["id"]), str(s["node"])[:8], *(str(s[f"blocks_{c}"]) for c in
+                     ("total", "free", "lent", "borrowed")), str(d.get("num_running", "-")),
+                     str(d.get("num_waiting", "-")), str(d.get("num_generated", "-")), rate))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(STATUS_COLUMNS))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)
+
+
+def run_scale(args) -> int:
+    if args.replicas < 1:
+        raise UsageError(f"--replicas must be >= 1, got {args.replicas}")
+    out = _connect(args).scale(replicas=args.replicas)
+    print(json.dumps(out, default=str))
+    return 0
+
+
+def run_stop(args) -> int:
+    fab = _connect(args)
+    fab.shutdown()
+    print(f"fabric {args.name!r} stopped")
+    return 0
+
+
+COMMANDS = {"demo": run_demo, "run": run_jobs, "serve": run_serve, "status": run_status,
+            "scale": run_scale, "stop": run_stop}

@@ -187,6 +187,16 @@ class RManager:
         self.pool.free(list(ids))
         return len(ids)
 
+    def forget_instance(self, dead: int) -> None:
+        """`dead` is gone: drop the spare blocks it held for us (requests with blocks there must
+        have been freed first) and anything lent to it."""
+        assert not any(r.instance == dead for t in self.tables.values() for r in t), \
+            "free the requests with blocks on a dead instance first"
+        self.spare.pop(dead, None)
+        self.num_remote_in_tables.pop(dead, None)
+        if dead in self.lent:
+            self.drop_debtor(dead)
+
     def holds_for(self, debtor: int, ids) -> bool:
         held = self.lent.get(debtor, ())
         return all(i in held for i in ids)

@@ -111,12 +111,13 @@ class Scheduler:
         while not self.rm.allocate(seq.req_id, seq.num_computed + n):
             victims = [s for s in self.running if s is not seq and s not in scheduled]
             victim = victims[-1] if victims else seq
-            self._preempt(victim)
+            self.preempt(victim)
             if victim is seq:
                 return False
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
+        """Free `seq`'s blocks and queue it first, to be recomputed from its tokens."""
         self.running.remove(seq)
         self.rm.free(seq.req_id)
         seq.num_computed = 0
