@@ -5,17 +5,28 @@ block tables and call it only to borrow (a chunk of blocks at a time)."""
 from __future__ import annotations
 
 import threading
+import time
+
+import ray
 
 from fabric.ledger import Ledger
 from fabric.messages import Heartbeat
 
 
+SILENT_BEATS = 6      # heartbeats missed before the controller checks whether an instance died
+
+
 class ControllerActor:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, instance_names: list[str] | None = None,
+                 namespace: str | None = None):
         from fabric.config import load_config
 
         cfg = load_config(config)
         self._config = config
+        self.instance_names, self.namespace = list(instance_names or []), namespace
+        self.heartbeat_s = cfg.lending.heartbeat_s
+        self.last_beat: dict[int, float] = {}
+        self.dead: set[int] = set()
         min_free_fraction, lending_enabled = cfg.lending.min_free_fraction, cfg.lending.enabled
         self.ledger = Ledger(min_free_fraction=min_free_fraction)
         self.lending_enabled = lending_enabled
@@ -25,11 +36,15 @@ class ControllerActor:
         self.num_calls = {"heartbeat": 0, "propose_creditors": 0}
         self.scale_events: list[dict] = []
         self.replicas = 0
+        if self.instance_names:
+            threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
 
     def heartbeat(self, hb: dict) -> None:
         with self.lock:
             self.num_calls["heartbeat"] += 1
-            self.ledger.update(Heartbeat.from_dict(hb))
+            beat = Heartbeat.from_dict(hb)
+            self.ledger.update(beat)
+            self.last_beat[beat.instance_id] = time.monotonic()
 
     def propose_creditors(self, debtor: int, num_blocks: int, exclude: list[int],
                           min_blocks: int | None = None) -> list[tuple[int, int]]:
@@ -54,11 +69,45 @@ class ControllerActor:
 
     def remove_instance(self, instance_id: int) -> None:
         with self.lock:
+            self.dead.add(instance_id)
             self.ledger.remove_instance(instance_id)
+
+    def _watch(self) -> None:
+        """Notice dead instances within seconds even when no request touches them: a silent
+        instance is pinged; if it is gone, it leaves the ledger and the others take back what
+        they lent it."""
+        while True:
+            time.sleep(self.heartbeat_s)
+            now = time.monotonic()
+            with self.lock:
+                silent = [i for i, t in self.last_beat.items()
+                          if i not in self.dead and now - t > SILENT_BEATS * self.heartbeat_s]
+            for i in silent:
+                if not self._answers(i):
+                    self._declare_dead(i)
+
+    def _handle(self, i: int):
+        return ray.get_actor(self.instance_names[i], namespace=self.namespace)
+
+    def _answers(self, i: int) -> bool:
+        try:
+            ray.get(self._handle(i).info.remote(), timeout=5)
+            return True
+        except Exception:
+            return False
+
+    def _declare_dead(self, dead: int) -> None:
+        self.remove_instance(dead)
+        for i in range(len(self.instance_names)):
+            if i != dead and i not in self.dead:
+                try:
+                    self._handle(i).drop_debtor.remote(dead)
+                except Exception:
+                    pass
 
     def stats(self) -> dict:
         with self.lock:
             return {"lending": {"borrow_events": self.num_borrow_events,
                                 "blocks_borrowed_total": self.num_blocks_borrowed_total},
-                    "calls": dict(self.num_calls),
+                    "calls": dict(self.num_calls), "dead": sorted(self.dead),
                     "ledger": self.ledger.snapshot()}

@@ -86,7 +86,7 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
     controller = ray.remote(ControllerActor).options(
         name=ctrl_name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=0, max_concurrency=16,
         max_restarts=-1, max_task_retries=-1,       # restarts rebuild the ledger from heartbeats
-    ).remote(cfg.to_dict())
+    ).remote(cfg.to_dict(), inst_names, NAMESPACE)
     gpus = 1 if cfg.instances.device == "cuda" else 0
     actor_cls = ray.remote(**transport_actor_options(max_concurrency=64, transport_threads=16))(InstanceActor)
     instances = [actor_cls.options(

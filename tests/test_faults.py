@@ -89,3 +89,20 @@ def test_home_killed_and_controller_killed(cluster):
     (long,) = fab.generate([PROMPT], max_new_tokens=20, ignore_eos=True)   # borrows again
     assert long.tokens == refs[0].tokens
     fab.shutdown()
+
+
+def test_idle_instance_loss_noticed_by_the_controller(cluster):
+    c, nodes = cluster
+    fab = start(c)
+    idle = fab.stats()["instances"][2]
+    victim = next(n for n in nodes if n.node_id == idle["node"])
+    t0 = time.time()
+    c.remove_node(victim)
+    assert wait_for(lambda: idle["id"] in ray.get(fab.controller.stats.remote())["dead"], 20)
+    print(f"controller noticed the loss in {time.time() - t0:.1f} s")
+    ledger = ray.get(fab.controller.stats.remote())["ledger"]
+    assert idle["id"] in ledger["removed"]
+    assert idle["id"] not in [row["id"] for row in ledger["instances"]]
+    results = fab.generate([PROMPT[:30], PROMPT[:60], PROMPT[:10]], max_new_tokens=5)
+    assert all(len(r.tokens) >= 1 for r in results)
+    fab.shutdown()
