@@ -36,6 +36,9 @@ class ControllerActor:
         self.num_calls = {"heartbeat": 0, "propose_creditors": 0}
         self.scale_events: list[dict] = []
         self.replicas = 0
+        # a restarted controller hears nothing from an instance that died meanwhile: start every
+        # clock now so that such an instance is pinged after the silence window too
+        self.last_beat = {i: time.monotonic() for i in range(len(self.instance_names))}
         if self.instance_names:
             threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
 
