@@ -1,4 +1,5 @@
-"""`python -m fabric` (also the `kv-fabric` console script)."""
+"""`python -m fabric` (also the `kv-fabric` console script): `demo`, `run` (a JSONL job),
+`serve` / `status` / `scale` / `stop` (a named, detached fabric on a running Ray cluster)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--long-prompt", type=int, default=1200, help="tokens in the long prompt")
     demo.add_argument("--max-new-tokens", type=int, default=48)
     _add_run(sub)
-    serve = sub.add_parser("serve", help="start a named, detached fabric on a running Ray cluster and exit")
+    serve = sub.add_parser("serve", help="start a named, detached fabric on a running Ray "
+                                         "cluster and exit")
     serve.add_argument("--config", default=None, help="YAML config (default: built-in default)")
     _add_target(serve, required_name=True)
     status = sub.add_parser("status", help="a named fabric's instances: blocks, queues, tokens")
@@ -275,8 +277,9 @@ def run_status(args) -> int:
     if args.window > 0:
         time.sleep(args.window)
         later = fab.stats()
-        rates = [(_generated(b) - _generated(a)) / args.window
-                 for a, b in zip(stats["instances"], later["instances"])]
+        before = {s["id"]: _generated(s) for s in stats["instances"]}
+        rates = {s["id"]: (_generated(s) - before.get(s["id"], 0)) / args.window
+                 for s in later["instances"]}
         stats = later
     print(f"fabric {fab.name!r}: {len(stats['instances'])} instances, "
           f"{stats['elastic']['replicas']} replicas")
@@ -295,12 +298,12 @@ STATUS_COLUMNS = ("instance", "node", "total", "free", "lent", "borrowed", "runn
                   "generated", "tokens/s")
 
 
-def status_table(stats: dict, rates: list[float] | None = None) -> str:
-    """One row per instance; `rates` (tokens/s per instance) fills the last column."""
+def status_table(stats: dict, rates: dict | None = None) -> str:
+    """One row per instance; `rates` (instance id -> tokens/s) fills the last column."""
     rows = [STATUS_COLUMNS]
-    for k, s in enumerate(stats["instances"]):
+    for s in stats["instances"]:
         d = s.get("detail", {})
-        rate = "-" if rates is None else f"{rates[k]:.1f}"
+        rate = f"{rates[s['id']]:.1f}" if rates and s["id"] in rates else "-"
         rows.append((str(s["id"]), str(s["node"])[:8], *(str(s[f"blocks_{c}"]) for c in
                      ("total", "free", "lent", "borrowed")), str(d.get("num_running", "-")),
                      str(d.get("num_waiting", "-")), str(d.get("num_generated", "-")), rate))

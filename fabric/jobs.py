@@ -266,7 +266,8 @@ class JobRunner:
         self.pool.shutdown()
 
     def _submit(self, batch: list[Line]) -> None:
-        requests = [{"id": f"{self.tag}-{ln.number}", **ln.request} for ln in batch if ln.request is not None]
+        requests = [{"id": f"{self.tag}-{ln.number}", **ln.request}
+                    for ln in batch if ln.request is not None]
         future = self.pool.submit(submit_batch, self._fabric(), requests) if requests else None
         self.pending.append((batch, future))
         self._drain(keep=IN_FLIGHT - 1)
