@@ -13,16 +13,19 @@ from fabric.ledger import Ledger
 from fabric.messages import Heartbeat
 
 
+REPLACE_TIMEOUT_S = 60.0   # how long a replacement may wait for room in the cluster
 SILENT_BEATS = 6      # heartbeats missed before the controller checks whether an instance died
 
 
 class ControllerActor:
     def __init__(self, config: dict, instance_names: list[str] | None = None,
-                 namespace: str | None = None):
+                 namespace: str | None = None, fabric_name: str = "", detached: bool = False):
         from fabric.config import load_config
 
         cfg = load_config(config)
-        self._config = config
+        self._config, self.cfg = config, cfg
+        self.fabric_name, self.detached = fabric_name, detached
+        self.num_replaced = 0
         self.instance_names, self.namespace = list(instance_names or []), namespace
         self.heartbeat_s = cfg.lending.heartbeat_s
         self.last_beat: dict[int, float] = {}
@@ -71,9 +74,15 @@ class ControllerActor:
         return self._config
 
     def remove_instance(self, instance_id: int) -> None:
+        """`instance_id` died (found by an instance, the driver or the watchdog): drop it from
+        the ledger, have its lenders take their blocks back, and replace it when there is room."""
         with self.lock:
+            if instance_id in self.dead:
+                return
             self.dead.add(instance_id)
             self.ledger.remove_instance(instance_id)
+        if self.instance_names:
+            threading.Thread(target=self._after_death, args=(instance_id,), daemon=True).start()
 
     def _watch(self) -> None:
         """Notice dead instances within seconds even when no request touches them: a silent
@@ -87,7 +96,7 @@ class ControllerActor:
                           if i not in self.dead and now - t > SILENT_BEATS * self.heartbeat_s]
             for i in silent:
                 if not self._answers(i):
-                    self._declare_dead(i)
+                    self.remove_instance(i)
 
     def _handle(self, i: int):
         return ray.get_actor(self.instance_names[i], namespace=self.namespace)
@@ -99,18 +108,55 @@ class ControllerActor:
         except Exception:
             return False
 
-    def _declare_dead(self, dead: int) -> None:
-        self.remove_instance(dead)
+    def _after_death(self, dead: int) -> None:
         for i in range(len(self.instance_names)):
             if i != dead and i not in self.dead:
                 try:
                     self._handle(i).drop_debtor.remote(dead)
                 except Exception:
                     pass
+        self._replace(dead)
+
+    def _replace(self, dead: int) -> bool:
+        """Start a new instance in the dead one's place when the cluster has room, then rebuild
+        the data plane with it (the live instances pause between steps to rejoin)."""
+        from actors.launch import backend_of, connect_instances, new_instance
+        from fabric.rmanager import max_request_blocks
+
+        name = self.instance_names[dead]
+        try:
+            ray.kill(self._handle(dead))            # frees the name (and a half-dead process)
+        except Exception:
+            pass
+        fresh = new_instance(self.cfg, dead, name, self._own_name(), self.namespace,
+                             self.fabric_name, self.detached)
+        try:
+            ray.get(fresh.info.remote(), timeout=REPLACE_TIMEOUT_S)
+        except Exception:                            # no room now: stay without it
+            ray.kill(fresh)
+            return False
+        handles = [fresh if i == dead else self._handle(i) for i in range(len(self.instance_names))]
+        live = [i for i in range(len(handles)) if i == dead or i not in self.dead]
+        if len(live) != len(handles):
+            return False                             # another loss in flight: next round
+        c = self.cfg
+        blocks = max_request_blocks(len(handles), c.instances.kv_blocks, c.lending.enabled,
+                                    c.lending.max_lend_fraction, c.lending.min_free_fraction)
+        methods = ["connect" if i == dead else "reconnect" for i in range(len(handles))]
+        connect_instances(handles, backend_of(c), blocks, methods)
+        with self.lock:
+            self.dead.discard(dead)
+            self.ledger.readmit(dead)
+            self.num_replaced += 1
+        return True
+
+    def _own_name(self) -> str:
+        return f"kvfabric-{self.fabric_name}-controller"     # as fabric.api names it
 
     def stats(self) -> dict:
         with self.lock:
             return {"lending": {"borrow_events": self.num_borrow_events,
                                 "blocks_borrowed_total": self.num_blocks_borrowed_total},
                     "calls": dict(self.num_calls), "dead": sorted(self.dead),
+                    "replaced": self.num_replaced,
                     "ledger": self.ledger.snapshot()}

@@ -48,6 +48,7 @@ class InstanceActor(TransportHost):
         self.waiters: dict[str, _Waiter] = {}
         self.cancelled: set[str] = set()
         self.dead_peers: set[int] = set()
+        self.paused = threading.Event()
         self.num_recoveries = 0
         self.wake = threading.Event()
         self.stopped = False
@@ -96,6 +97,23 @@ class InstanceActor(TransportHost):
             self.engine.scheduler.reserve_on_admit = True
         ray.get(self.controller.heartbeat.remote(self.heartbeat()))   # in the ledger before serving
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        return True
+
+    def reconnect(self, world_size: int, master_addr: str, master_port: int, backend: str,
+                  peers: list, max_request_blocks: int) -> bool:
+        """Rejoin a rebuilt data plane (a replacement instance joined): between two steps, the
+        old transport is closed and a new one built with every rank at once."""
+        self.paused.set()
+        try:
+            with self.lock:
+                self.peers = peers
+                self.engine.max_request_blocks = max_request_blocks
+                self.setup_transport(self.id, world_size, master_addr, master_port, backend, peers)
+                self.engine.remote = TransportPartials(self.transport)
+                self.dead_peers.clear()
+        finally:
+            self.paused.clear()
+            self.wake.set()
         return True
 
     # ---- requests ------------------------------------------------------------------------
@@ -148,6 +166,9 @@ class InstanceActor(TransportHost):
 
     def _loop(self) -> None:
         while not self.stopped:
+            if self.paused.is_set():           # rejoining the data plane
+                time.sleep(0.005)
+                continue
             self._admit()
             if not self.engine.has_unfinished():
                 self._release_idle_spares()

@@ -13,6 +13,7 @@ from fabric.config import FabricConfig, load_config
 from fabric.engine import check_capacity, check_request
 from fabric.errors import ConfigError, FabricError, RequestError
 from fabric.result import Result
+from fabric.rmanager import max_request_blocks
 from fabric.sequence import SamplingParams
 from fabric.tokenizer import ByteTokenizer
 
@@ -75,8 +76,7 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
     import ray
 
     from actors.controller import ControllerActor
-    from actors.instance import InstanceActor
-    from actors.transport import transport_actor_options
+    from actors.launch import new_instance
 
     cfg = load_config(config)
     owns_ray = _init_ray(address, cfg)
@@ -86,13 +86,9 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
     controller = ray.remote(ControllerActor).options(
         name=ctrl_name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=0, max_concurrency=16,
         max_restarts=-1, max_task_retries=-1,       # restarts rebuild the ledger from heartbeats
-    ).remote(cfg.to_dict(), inst_names, NAMESPACE)
-    gpus = 1 if cfg.instances.device == "cuda" else 0
-    actor_cls = ray.remote(**transport_actor_options(max_concurrency=64, transport_threads=16))(InstanceActor)
-    instances = [actor_cls.options(
-        name=n, namespace=NAMESPACE, lifetime=lifetime, num_cpus=cfg.instances.num_cpus,
-        num_gpus=gpus, scheduling_strategy="SPREAD",
-    ).remote(i, cfg.to_dict(), ctrl_name, NAMESPACE, name) for i, n in enumerate(inst_names)]
+    ).remote(cfg.to_dict(), inst_names, NAMESPACE, name, detached)
+    instances = [new_instance(cfg, i, n, ctrl_name, NAMESPACE, name, detached)
+                 for i, n in enumerate(inst_names)]
     fab = Fabric(name, cfg, controller, instances, owns_ray)
     fab._connect_data_plane()
     return fab
@@ -127,20 +123,18 @@ class Fabric:
         info = self.infos[0]
         self.vocab_size, self.max_positions = info["vocab_size"], info["max_position_embeddings"]
         self.block_size = info["block_size"]
-        self.max_request_blocks = self._max_request_blocks()
         self.tokenizer = self._tokenizer()
         self._next_home = 0
         self._homes: dict[str, int] = {}      # streamed request id -> home instance
         self.dead: set[int] = set()           # instances found dead
 
-    def _max_request_blocks(self) -> int:
-        """The largest request an empty fabric can hold: its home's whole pool plus what every
-        other instance may lend when empty."""
-        own = [i["kv_blocks"] for i in self.infos]
-        if not self.cfg.lending.enabled or len(own) == 1:
-            return max(own)
-        lendable = [min(i["kv_blocks"] - i["min_free"], i["lend_cap"]) for i in self.infos]
-        return max(o + sum(lendable) - lendable[k] for k, o in enumerate(own))
+    @property
+    def max_request_blocks(self) -> int:
+        """The largest request the live instances can hold (admission control)."""
+        c = self.cfg
+        return max_request_blocks(len(self.instances) - len(self.dead), c.instances.kv_blocks,
+                                  c.lending.enabled, c.lending.max_lend_fraction,
+                                  c.lending.min_free_fraction)
 
     def _tokenizer(self):
         path = self.cfg.model.path
@@ -156,10 +150,10 @@ class Fabric:
     def _connect_data_plane(self) -> None:
         import ray
 
-        backend = {"auto": "torch"}.get(self.cfg.transport.backend, self.cfg.transport.backend)
-        addr, port = ray.get(self.instances[0].transport_address.remote())
-        ray.get([a.connect.remote(len(self.instances), addr, port, backend,
-                                  self.instances, self.max_request_blocks) for a in self.instances])
+        from actors.launch import backend_of, connect_instances
+
+        connect_instances(self.instances, backend_of(self.cfg), self.max_request_blocks)
+
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompts, *, max_new_tokens: int = 16, temperature: float = 0.0,
@@ -247,12 +241,42 @@ class Fabric:
                 except RayActorError:
                     self._mark_dead(h)
                     todo += groups[h]
+            if todo:
+                self._refresh_instances()
         return done
+
+    def _swap_in_replacement(self, i: int) -> bool:
+        import ray
+
+        try:
+            named = ray.get_actor(_actor_names(self.name, len(self.instances))[1][i],
+                                  namespace=NAMESPACE)
+            if named._actor_id == self.instances[i]._actor_id:
+                return False
+            ray.get(named.info.remote(), timeout=10)
+        except Exception:
+            return False
+        self.instances[i] = named
+        return True
+
+    def _refresh_instances(self) -> None:
+        """Pick up instances the controller has replaced since they were found dead."""
+        import ray
+
+        ctrl_dead = set(ray.get(self.controller.stats.remote())["dead"])
+        for i in sorted(self.dead - ctrl_dead):
+            try:
+                self.instances[i] = ray.get_actor(_actor_names(self.name, len(self.instances))[1][i],
+                                                  namespace=NAMESPACE)
+                self.dead.discard(i)
+            except ValueError:
+                pass
 
     def _mark_dead(self, home: int) -> None:
         """Forget a dead instance: no more requests go there; the others take back what they
-        lent it, and the controller drops it from the ledger."""
-        if home in self.dead:
+        lent it, and the controller drops it from the ledger. If the controller has already
+        put a replacement under its name, use that instead."""
+        if home in self.dead or self._swap_in_replacement(home):
             return
         self.dead.add(home)
         if len(self.dead) == len(self.instances):
@@ -323,6 +347,8 @@ class Fabric:
 
         from ray.exceptions import RayActorError
 
+        if self.dead:
+            self._refresh_instances()
         inst = []
         for i, a in enumerate(self.instances):
             if i in self.dead:
@@ -331,6 +357,8 @@ class Fabric:
                 inst.append(ray.get(a.stats.remote()))
             except RayActorError:
                 self._mark_dead(i)
+                if i not in self.dead:                   # replaced meanwhile
+                    inst.append(ray.get(self.instances[i].stats.remote()))
         ctrl = ray.get(self.controller.stats.remote())
         keys = ("id", "node", "blocks_total", "blocks_free", "blocks_lent", "blocks_borrowed")
         # the instances own the borrow counters (they survive a controller restart)

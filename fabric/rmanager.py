@@ -209,3 +209,14 @@ class RManager:
         for c, n in self.num_remote_in_tables.items():
             in_tables = sum(r.instance == c for t in self.tables.values() for r in t)
             assert in_tables == n, f"remote count for creditor {c} is {n}, tables hold {in_tables}"
+
+
+def max_request_blocks(num_instances: int, kv_blocks: int, lending: bool,
+                       max_lend_fraction: float, min_free_fraction: float) -> int:
+    """The largest request an empty fabric of equal instances holds: the home's whole pool plus
+    what each other instance may lend (never its reserve, never past its cap)."""
+    if not lending or num_instances <= 1:
+        return kv_blocks
+    lendable = min(kv_blocks - reserve_blocks(kv_blocks, min_free_fraction),
+                   int(max_lend_fraction * kv_blocks))
+    return kv_blocks + (num_instances - 1) * max(0, lendable)

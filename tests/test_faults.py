@@ -106,3 +106,22 @@ def test_idle_instance_loss_noticed_by_the_controller(cluster):
     results = fab.generate([PROMPT[:30], PROMPT[:60], PROMPT[:10]], max_new_tokens=5)
     assert all(len(r.tokens) >= 1 for r in results)
     fab.shutdown()
+
+
+def test_dead_instance_is_replaced(cluster):
+    c, nodes = cluster
+    c.add_node(num_cpus=1)                              # room for a replacement
+    fab = start(c)
+    (ref,) = fab.generate([PROMPT], max_new_tokens=10, ignore_eos=True)
+    victim_stats = fab.stats()["instances"][1]
+    victim = next(n for n in nodes if n.node_id == victim_stats["node"])
+    c.remove_node(victim)
+    assert wait_for(lambda: ray.get(fab.controller.stats.remote())["replaced"] == 1, 90)
+    stats = fab.stats()
+    assert len(stats["instances"]) == 3
+    assert stats["instances"][1]["node"] != victim_stats["node"]
+    fab._next_home = 0
+    (again,) = fab.generate([PROMPT], max_new_tokens=10, ignore_eos=True)
+    assert again.tokens == ref.tokens
+    assert sum(s["detail"]["remote_partials_served"] for s in fab.stats()["instances"]) > 0
+    fab.shutdown()
