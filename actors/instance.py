@@ -158,6 +158,8 @@ class InstanceActor(TransportHost):
             params = SamplingParams(r.get("max_new_tokens", 16), r.get("temperature", 0.0),
                                     r.get("seed"), r.get("ignore_eos", False))
             self.engine.validate(r["prompt"], params)
+            if r["id"] in self.waiters:
+                raise RequestError(f"request id {r['id']!r} is already running here")
             self.waiters[r["id"]] = w
             self.inbox.put((r["id"], r["prompt"], params))
         except FabricError as e:

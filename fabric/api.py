@@ -45,7 +45,8 @@ def _init_ray(address: str | None, cfg: FabricConfig | None) -> bool:
         return False
     if address is None:
         num_cpus = max(os.cpu_count() or 1, int(cfg.instances.count * cfg.instances.num_cpus) + 2)
-        ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,
+        # address="local": a private cluster, never a `ray start` one that happens to run here
+        ray.init(address="local", num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
         return True
     _use_token_auth()
@@ -64,7 +65,7 @@ def _use_token_auth() -> None:
     """Ray 2.60's `ray start` turns token authentication on; a driver must say so to connect.
     When a token is present and the user chose nothing, use it (and say so)."""
     token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    if "RAY_AUTH_MODE" not in os.environ and (os.path.isfile(token) or os.environ.get("RAY_AUTH_TOKEN")):
+    if not os.environ.get("RAY_AUTH_MODE") and (os.path.isfile(token) or os.environ.get("RAY_AUTH_TOKEN")):
         os.environ["RAY_AUTH_MODE"] = "token"
         print("kv-fabric: using Ray token authentication (RAY_AUTH_MODE=token)", file=sys.stderr)
 
@@ -178,9 +179,14 @@ class Fabric:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         checked: list[dict | Result] = []
+        seen: set[str] = set()
         for i, r in enumerate(requests):
             try:
-                checked.append(self._request(i, r))
+                req = self._request(i, r)
+                if req["id"] in seen:
+                    raise RequestError(f"request {i}: id {req['id']!r} appears twice in this call")
+                seen.add(req["id"])
+                checked.append(req)
             except FabricError as e:
                 if errors == "raise":
                     raise
@@ -371,6 +377,10 @@ class Fabric:
 
     def scale(self, replicas: int) -> dict:
         raise FabricError("elastic scaling is not available in this release")
+
+    def disconnect(self) -> None:
+        """Let go of this handle; the fabric keeps running (for a named, detached fabric)."""
+        self.instances = []
 
     def shutdown(self) -> None:
         import ray

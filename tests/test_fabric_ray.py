@@ -103,6 +103,8 @@ def test_mixed_concurrent_requests_capacity_and_bad_input(cluster, checkpoint):
         assert [r.error_type for r in mixed] == [None, "RequestError", None, "RequestError"]
         assert mixed[0].tokens == results[1].tokens and mixed[2].tokens == results[4].tokens
         assert "vocabulary" in mixed[3].error
+        with pytest.raises(fabric.RequestError, match="appears twice"):
+            fab.submit([{"id": "x", "prompt": [1, 2]}, {"id": "x", "prompt": [3]}])
 
         again = fab.generate(prompts[:2], max_new_tokens=10, ignore_eos=True)
         assert [r.tokens for r in again] == [r.tokens for r in results[:2]]
