@@ -11,7 +11,7 @@ import uuid
 
 from fabric.config import FabricConfig, load_config
 from fabric.engine import check_capacity, check_request
-from fabric.errors import ConfigError, FabricError, RequestError
+from fabric.errors import FabricError, RequestError
 from fabric.result import Result
 from fabric.rmanager import max_request_blocks
 from fabric.sequence import SamplingParams
@@ -149,8 +149,6 @@ class Fabric:
         return None
 
     def _connect_data_plane(self) -> None:
-        import ray
-
         from actors.launch import backend_of, connect_instances
 
         connect_instances(self.instances, backend_of(self.cfg), self.max_request_blocks)
@@ -174,8 +172,6 @@ class Fabric:
     def submit(self, requests: list[dict], *, errors: str = "raise") -> list[Result]:
         """Run requests with their own settings: each a dict with `prompt` and optionally `id`,
         `max_new_tokens` (16), `temperature` (0.0), `seed`, `ignore_eos` (False)."""
-        import ray
-
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         checked: list[dict | Result] = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import time
 
-import torch
 
 from fabric.context import SeqChunk, build_context
 from fabric.distattn import DistAttention, RemotePartials

@@ -6,15 +6,13 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
 import pytest
+import ray_head
 
 from fabric import cli, jobs
 from fabric.config import load_config
@@ -320,67 +318,13 @@ def test_run_end_to_end_and_resume(tmp_path, config_file, reference, embedded_en
 
 
 # ---- serve / status / run --name / scale / stop on a real head node ----------------------------
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def head():
-    """`ray start --head` on 127.0.0.1 in its own session and temp dir; stopped by killing that
-    session's processes only (never `ray stop`: other clusters run on this machine)."""
-    if not os.path.exists(RAY):
-        pytest.skip("the ray CLI is not installed beside this Python")
-    temp = tempfile.mkdtemp(prefix="kvcj")
-    gcs, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--ray-client-server-port", str(free_port()), "--num-cpus", "4", "--temp-dir", temp,
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
-           "--min-worker-port", "10002", "--max-worker-port", "19999",
-           "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port",
-           str(free_port()), "--metrics-export-port", str(free_port()),
-           "--runtime-env-agent-port", str(free_port())]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        out = "timed out"
-    try:
-        if proc.returncode != 0:
-            pytest.skip(f"ray start --head failed: {out[-2000:]}")
-        yield {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
-    finally:
-        _kill_session(proc.pid)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _kill_session(sid: int) -> None:
-    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    for line in ps.splitlines():
-        pid, s = map(int, line.split())
-        if s == sid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+def head(ray_head):
+    return ray_head
 
 
 def submit_job(head: dict, *args: str):
-    """`ray job submit -- python -m fabric ARGS`; the job agent comes up a little after the head."""
-    cmd = [RAY, "job", "submit", "--address", head["dashboard"], "--", sys.executable, "-m",
-           "fabric", *args]
-    for _ in range(10):
-        job = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=240)
-        if "No available agent" not in job.stderr:
-            return job
-        time.sleep(2)
-    return job
+    return ray_head.submit_job(head, sys.executable, "-m", "fabric", *args)
 
 
 def test_serve_status_run_scale_stop(tmp_path, head, config_file, reference):

@@ -2,65 +2,17 @@
 server and the dashboard; a detached fabric started over `ray://` outlives its driver, another
 driver reaches it with `fabric.connect`, a `ray job submit` job uses it, and it shuts down."""
 
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 
 import pytest
-
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from ray_head import WORKER_PORTS, submit_job
 
 @pytest.fixture(scope="module")
-def head():
-    if not os.path.exists(RAY):
-        pytest.skip("the ray CLI is not installed beside this Python")
-    temp = tempfile.mkdtemp(prefix="kvfh")
-    gcs, client, dash = free_port(), free_port(), free_port()   # ephemeral: above the worker range
-    assert not 10002 <= client <= 19999, "the client server port must lie outside the worker ports"
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--ray-client-server-port", str(client), "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dash), "--num-cpus", "4", "--temp-dir", temp,
-           "--min-worker-port", "10002", "--max-worker-port", "19999", "--disable-usage-stats",
-           # every other port free too: on a shared machine the defaults (agent 52365...) clash
-           "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port",
-           str(free_port()), "--metrics-export-port", str(free_port()),
-           "--runtime-env-agent-port", str(free_port())]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    out, _ = proc.communicate(timeout=120)
-    if proc.returncode != 0:
-        pytest.skip(f"ray start failed: {out[-2000:]}")
-    try:
-        yield {"client": f"ray://127.0.0.1:{client}", "dashboard": f"http://127.0.0.1:{dash}",
-               "env": env}
-    finally:
-        _kill_session(proc.pid)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _kill_session(sid: int) -> None:
-    """Stop only the Ray processes of our own head (never `ray stop`: other clusters may run)."""
-    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    for line in ps.splitlines():
-        pid, s = map(int, line.split())
-        if s == sid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+def head(ray_head):
+    assert not WORKER_PORTS[0] <= ray_head["client_port"] <= WORKER_PORTS[1], \
+        "the client server port must lie outside the worker ports"
+    return ray_head
 
 
 def run_driver(code: str, env: dict, timeout: int = 180) -> str:
@@ -99,13 +51,7 @@ def test_detached_fabric_over_ray_client_and_job_submit(head):
     assert tokens_of(second) == first, "the detached fabric should answer the same after its driver left"
     assert int(second.split("BORROWS")[1].split()[0]) >= 1   # 89 + 6 tokens > 8 blocks of 8
 
-    submit = [RAY, "job", "submit", "--address", head["dashboard"], "--", sys.executable, "-c",
-              CONNECT.format(addr="auto", end="fab.shutdown()")]
-    for _ in range(10):      # the job agent comes up a little after the head
-        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=240)
-        if "No available agent" not in job.stderr:
-            break
-        time.sleep(2)
+    job = submit_job(head, sys.executable, "-c", CONNECT.format(addr="auto", end="fab.shutdown()"))
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert tokens_of(job.stdout) == first
 
