@@ -12,6 +12,7 @@ Threads inside the actor (a threaded Ray actor):
 from __future__ import annotations
 
 import queue
+import random
 import threading
 import time
 
@@ -287,7 +288,14 @@ class InstanceActor(TransportHost):
         except Exception:          # the controller restarts, or a creditor died: try again later
             ok = False
         if not ok:
-            self._borrow_retry_at = time.perf_counter() + BORROW_RETRY_S   # wait for memory to free
+            # Hold nothing while waiting: spares kept for a request that cannot start yet make
+            # this instance a debtor (so it lends nothing) and, with several instances doing
+            # the same, each would wait for blocks another holds. Keep only what running
+            # requests still need; retry after a jittered pause so two waiters do not collide.
+            with self.lock:
+                rm = self.engine.rm
+                rm.release_spares(keep=max(0, self.engine.scheduler.num_committed() - rm.num_free))
+            self._borrow_retry_at = time.perf_counter() + BORROW_RETRY_S * (0.5 + random.random())
 
     def _borrow(self, n: int, at_least: int) -> bool:
         """Ask the controller for creditors of up to `n` blocks (no fewer than `at_least`), and
@@ -309,11 +317,21 @@ class InstanceActor(TransportHost):
                 got += [BlockRef(creditor, b) for b in ids]
             if len(got) >= at_least:
                 break
+        if len(got) < at_least:               # all or nothing (see _borrow_ahead)
+            self._give_back(got)
+            return False
         if got:
             with self.lock:
                 self.engine.rm.add_borrowed(got)
             self.num_blocks_borrowed_total += len(got)
         return len(got) >= at_least
+
+    def _give_back(self, refs: list[BlockRef]) -> None:
+        by_creditor: dict[int, list[int]] = {}
+        for ref in refs:
+            by_creditor.setdefault(ref.instance, []).append(ref.block)
+        for creditor, ids in by_creditor.items():
+            self._release(creditor, ids)
 
     def _release(self, creditor: int, ids: list[int]) -> None:
         self.peers[creditor].reclaim.remote(self.id, ids)
