@@ -174,6 +174,9 @@ class Fabric:
         `max_new_tokens` (16), `temperature` (0.0), `seed`, `ignore_eos` (False)."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        if not isinstance(requests, (list, tuple)):
+            raise RequestError(f"requests must be a list of request mappings, got "
+                               f"{type(requests).__name__}")
         checked: list[dict | Result] = []
         seen: set[str] = set()
         for i, r in enumerate(requests):
@@ -208,13 +211,11 @@ class Fabric:
                 raise RequestError(f"prompt {index} is text but the checkpoint has no tokenizer")
             prompt = list(self.tokenizer.encode(prompt))
         params = SamplingParams(req.get("max_new_tokens", 16), req.get("temperature", 0.0),
-                                req.get("seed"), bool(req.get("ignore_eos", False)))
+                                req.get("seed"), req.get("ignore_eos", False))
         seed = params.seed
         try:
             if prompt is None:
                 raise RequestError("prompt is missing")
-            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-                raise RequestError(f"seed must be an integer, got {seed!r}")
             check_request(prompt, params, self.vocab_size, self.max_positions)
             check_capacity(len(prompt) + params.max_new_tokens, self.block_size, self.max_request_blocks)
         except FabricError as e:

@@ -120,7 +120,9 @@ class Engine:
 
 
 def check_request(prompt, params: SamplingParams, vocab_size: int, max_positions: int) -> None:
-    if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
+    if not isinstance(prompt, (list, tuple)):
+        raise RequestError(f"prompt must be a list of token ids or a string, got {type(prompt).__name__}")
+    if len(prompt) == 0:
         raise RequestError("prompt is empty")
     for tok in prompt:
         if isinstance(tok, bool) or not isinstance(tok, int):
@@ -133,6 +135,12 @@ def check_request(prompt, params: SamplingParams, vocab_size: int, max_positions
     if len(prompt) + n > max_positions:
         raise RequestError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({n}) exceeds the "
                            f"model's maximum position {max_positions}")
+    seed = params.seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not -2**63 <= seed < 2**64):
+        raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+    if not isinstance(params.ignore_eos, bool):
+        raise RequestError(f"ignore_eos must be a boolean, got {params.ignore_eos!r}")
     t = params.temperature
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or t != t or t == float("inf"):
         raise RequestError(f"temperature must be a finite number >= 0, got {t!r}")

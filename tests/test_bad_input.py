@@ -161,10 +161,6 @@ def test_bad_stream_request_raises_before_any_token(fab):
     assert_still_serves(fab)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: a seed outside int64 passes the driver's checks, then "
-                          "torch.Generator.manual_seed raises inside the engine step and every "
-                          "request on that instance fails (actors/instance.py _fail_all)")
 def test_out_of_range_seed_fails_alone(fab):
     good = {"id": "good", "prompt": GOOD, "max_new_tokens": 40, "ignore_eos": True}
     bad = {"id": "bad", "prompt": [1, 2], "max_new_tokens": 2, "temperature": 0.5, "seed": 2**64}
@@ -176,15 +172,11 @@ def test_out_of_range_seed_fails_alone(fab):
         assert_still_serves(fab)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: ignore_eos goes through bool(), so the string "
-                                       "'false' means True (job files reject it)")
 def test_ignore_eos_must_be_a_boolean(fab):
     with pytest.raises(RequestError, match="ignore_eos"):
         fab.submit([req(ignore_eos="false")])
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bug: submit() does not check that `requests` is a list")
 def test_submit_requests_not_a_list(fab):
     with pytest.raises(RequestError, match="list"):
         fab.submit(None)
