@@ -105,11 +105,29 @@ def _fill(region: torch.Tensor, tensors: list[torch.Tensor], descs: list) -> Non
             region[offset:offset + nbytes].copy_(t.detach().reshape(-1).view(torch.uint8))
 
 
-def _views(region: torch.Tensor, descs: list) -> list[torch.Tensor]:
-    tensors = []
-    for desc in descs:
-        name, shape, offset, nbytes = desc
-        if name not in _DTYPES or offset + nbytes > region.numel():
-            raise WireError(f"corrupt tensor description {desc} for a {region.numel()}-byte region")
-        tensors.append(region[offset:offset + nbytes].view(_DTYPES[name]).reshape(shape))
-    return tensors
+def _views(region: torch.Tensor, descs) -> list[torch.Tensor]:
+    """Tensors over `region` as the peer described them; any description that does not fit
+    exactly (types, bounds, alignment, size = prod(shape) * itemsize) is a `WireError`."""
+    if not isinstance(descs, list):
+        raise WireError(f"corrupt tensor list: expected a list, got {type(descs).__name__}")
+    return [_view(region, desc) for desc in descs]
+
+
+def _view(region: torch.Tensor, desc) -> torch.Tensor:
+    bad = WireError(f"corrupt tensor description {desc!r} for a {region.numel()}-byte region")
+    if not isinstance(desc, list) or len(desc) != 4:
+        raise bad
+    name, shape, offset, nbytes = desc
+    if name not in _DTYPES or not isinstance(shape, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in [*shape, offset, nbytes]):
+        raise bad
+    itemsize = torch.empty(0, dtype=_DTYPES[name]).element_size()
+    numel = 1
+    for d in shape:
+        if d < 0:
+            raise bad
+        numel *= d
+    if offset < 0 or nbytes != numel * itemsize or offset + nbytes > region.numel() \
+            or offset % itemsize:
+        raise bad
+    return region[offset:offset + nbytes].view(_DTYPES[name]).reshape(shape)
