@@ -80,6 +80,10 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
     from actors.launch import new_instance
 
     cfg = load_config(config)
+    if cfg.model.path is not None:
+        from fabric.model.checkpoint import check_checkpoint
+
+        check_checkpoint(cfg.model.path)     # a broken checkpoint fails here, before any actor
     owns_ray = _init_ray(address, cfg)
     name = name or uuid.uuid4().hex[:8]
     ctrl_name, inst_names = _actor_names(name, cfg.instances.count)

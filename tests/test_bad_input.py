@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 
 ray = pytest.importorskip("ray")
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayTaskError
 
 import fabric
 from actors.messages import WireError, decode, decode_split, encode, encode_split
@@ -384,10 +384,6 @@ def test_checkpoint_corruption_is_a_config_error(checkpoint, tmp_path, corrupt):
         load_model(None, path=path)
 
 
-@pytest.mark.xfail(strict=True, raises=RayActorError,
-                   reason="bug: fabric.start does not read the checkpoint in the driver; the "
-                          "instance actor dies in __init__ (ActorDiedError, the ConfigError only "
-                          "in its text) and the controller actor is left running")
 def test_start_with_broken_checkpoint_raises_config_error(fab, checkpoint, tmp_path):
     from ray._private import state
 

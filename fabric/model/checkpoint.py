@@ -62,6 +62,29 @@ def _check_tensors(expected: dict, state: dict) -> None:
                               f"expected {tuple(shape)}")
 
 
+def check_checkpoint(path: str) -> ModelArgs:
+    """Check a checkpoint from its config and tensor headers only (no weights are read), so a
+    driver can refuse a broken one with a `ConfigError` before any actor starts."""
+    from safetensors import safe_open
+
+    args = read_args(path)
+    shapes = {}
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, "pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:
+            raise ConfigError(f"model.path: {os.path.basename(file)} is not a readable "
+                              f"safetensors file: {e}") from None
+    state = _normalise_names({k: torch.empty(v, device="meta") for k, v in shapes.items()}, args)
+    if args.tie_word_embeddings:
+        state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    _check_tensors(expected, state)
+    return args
+
+
 def read_args(path: str) -> ModelArgs:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
