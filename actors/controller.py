@@ -34,11 +34,7 @@ class ControllerActor:
         self.ledger = Ledger(min_free_fraction=min_free_fraction)
         self.lending_enabled = lending_enabled
         self.lock = threading.Lock()
-        self.num_borrow_events = 0
-        self.num_blocks_borrowed_total = 0
         self.num_calls = {"heartbeat": 0, "propose_creditors": 0}
-        self.scale_events: list[dict] = []
-        self.replicas = 0
         # a restarted controller hears nothing from an instance that died meanwhile: start every
         # clock now so that such an instance is pinged after the silence window too
         self.last_beat = {i: time.monotonic() for i in range(len(self.instance_names))}
@@ -65,8 +61,6 @@ class ControllerActor:
         with self.lock:
             if num_granted:
                 self.ledger.confirm(debtor, creditor, num_granted)
-                self.num_borrow_events += 1
-                self.num_blocks_borrowed_total += num_granted
             if num_refused:
                 self.ledger.cancel(debtor, creditor, num_refused)
 
@@ -155,8 +149,5 @@ class ControllerActor:
 
     def stats(self) -> dict:
         with self.lock:
-            return {"lending": {"borrow_events": self.num_borrow_events,
-                                "blocks_borrowed_total": self.num_blocks_borrowed_total},
-                    "calls": dict(self.num_calls), "dead": sorted(self.dead),
-                    "replaced": self.num_replaced,
-                    "ledger": self.ledger.snapshot()}
+            return {"calls": dict(self.num_calls), "dead": sorted(self.dead),
+                    "replaced": self.num_replaced, "ledger": self.ledger.snapshot()}

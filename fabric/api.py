@@ -272,12 +272,8 @@ class Fabric:
 
         ctrl_dead = set(ray.get(self.controller.stats.remote())["dead"])
         for i in sorted(self.dead - ctrl_dead):
-            try:
-                self.instances[i] = ray.get_actor(_actor_names(self.name, len(self.instances))[1][i],
-                                                  namespace=NAMESPACE)
+            if self._swap_in_replacement(i):
                 self.dead.discard(i)
-            except ValueError:
-                pass
 
     def _mark_dead(self, home: int) -> None:
         """Forget a dead instance: no more requests go there; the others take back what they

@@ -53,7 +53,6 @@ def test_lender_node_removed_mid_generation(cluster):
     got += list(stream)                               # resumes: lost KV recomputed
     assert got == ref.tokens
     stats = fab.stats()
-    assert len(stats["instances"]) == 2 or any(s["detail"]["recoveries"] for s in stats["instances"])
     assert sum(s["detail"]["recoveries"] for s in stats["instances"]) >= 1
     assert wait_for(lambda: all(s["blocks_free"] == s["blocks_total"]
                                 for s in fab.stats()["instances"]))
