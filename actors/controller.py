@@ -38,7 +38,8 @@ class ControllerActor:
         # a restarted controller hears nothing from an instance that died meanwhile: start every
         # clock now so that such an instance is pinged after the silence window too
         self.last_beat = {i: time.monotonic() for i in range(len(self.instance_names))}
-        if self.instance_names:
+        self.watching = bool(self.instance_names)
+        if self.watching:
             threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
 
     def heartbeat(self, hb: dict) -> None:
@@ -123,7 +124,7 @@ class ControllerActor:
         except Exception:
             pass
         fresh = new_instance(self.cfg, dead, name, self._own_name(), self.namespace,
-                             self.fabric_name, self.detached)
+                             self.fabric_name, self.detached, manager_name=self._manager_name())
         try:
             ray.get(fresh.info.remote(), timeout=REPLACE_TIMEOUT_S)
         except Exception:                            # no room now: stay without it
@@ -143,6 +144,34 @@ class ControllerActor:
             self.ledger.readmit(dead)
             self.num_replaced += 1
         return True
+
+    def _manager_name(self) -> str | None:
+        """The elastic manager, when the fabric has one: a replacement maps its weights."""
+        name = f"kvfabric-{self.fabric_name}-elastic"
+        try:
+            ray.get_actor(name, namespace=self.namespace)
+            return name
+        except ValueError:
+            return None
+
+    def set_members(self, names: list[str]) -> None:
+        """The elastic manager changed the replica set: ranks past the new end leave the
+        ledger (and the watchdog); new ranks are (re)admitted before they first beat."""
+        now = time.monotonic()
+        with self.lock:
+            old = len(self.instance_names)
+            for i in range(len(names), old):
+                self.ledger.remove_instance(i)
+                self.last_beat.pop(i, None)
+                self.dead.discard(i)
+            for i in range(old, len(names)):
+                self.ledger.readmit(i)
+                self.dead.discard(i)
+                self.last_beat[i] = now
+            self.instance_names = list(names)
+        if names and not self.watching:
+            self.watching = True
+            threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
 
     def _own_name(self) -> str:
         return f"kvfabric-{self.fabric_name}-controller"     # as fabric.api names it

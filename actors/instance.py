@@ -28,6 +28,7 @@ from fabric.messages import Heartbeat
 from fabric.model import load_model
 from fabric.rmanager import BlockRef
 from fabric.sequence import SamplingParams
+from actors.handoff import HandoffMixin
 from actors.metrics import InstanceMetrics
 from actors.transport import TransportHost
 
@@ -36,12 +37,14 @@ MEMORY_WAIT_S = 2.0    # a request short of blocks waits this long for a borrow 
 BORROW_RETRY_S = 0.05  # after a failed borrow, wait this long before asking the controller again
 
 
-class InstanceActor(TransportHost):
+class InstanceActor(HandoffMixin, TransportHost):
     def __init__(self, instance_id: int, config: dict, controller_name: str, namespace: str,
-                 fabric_name: str = ""):
+                 fabric_name: str = "", manager_name: str | None = None):
         self.cfg: FabricConfig = load_config(config)
         self.id = instance_id
         self.controller = ray.get_actor(controller_name, namespace=namespace)
+        self.manager = ray.get_actor(manager_name, namespace=namespace) if manager_name else None
+        self.weights: dict = {}
         self.engine = self._build_engine()
         self.metrics = InstanceMetrics(instance_id, fabric_name)
         self.lock = threading.RLock()
@@ -50,6 +53,11 @@ class InstanceActor(TransportHost):
         self.cancelled: set[str] = set()
         self.dead_peers: set[int] = set()
         self.paused = threading.Event()
+        self.parked = threading.Event()       # the engine loop saw `paused` and is between steps
+        self.draining = False                 # leaving the fabric: lends nothing, admits nothing
+        self.handoff_targets: list = []
+        self.num_forwarding = 0
+        self.recent_ttft: list[tuple[float, float]] = []
         self.num_recoveries = 0
         self.wake = threading.Event()
         self.stopped = False
@@ -65,13 +73,35 @@ class InstanceActor(TransportHost):
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
 
     def _build_engine(self) -> Engine:
+        """The model (weights mapped from the node's published copy when the fabric has an
+        elastic manager, else loaded), then the KV pool. `self.weights` says what it cost."""
         m, inst = self.cfg.model, self.cfg.instances
         device = "cuda" if inst.device == "cuda" else "cpu"
-        model = load_model(m.preset, m.path, m.dtype, m.seed, device)
+        t0 = time.perf_counter()
+        if self.manager is not None:
+            from autoscale.weights import is_shared_mapping, map_weights
+            from fabric.model.checkpoint import build_model
+
+            manifest, cost = ray.get(self.manager.weights_for.remote(
+                ray.get_runtime_context().get_node_id()))
+            t_map = time.perf_counter()
+            state, mapped = map_weights(manifest)
+            model = build_model(manifest["args"], state, m.dtype, device)
+            shared = device == "cpu" and all(is_shared_mapping(p) for p in model.parameters())
+            self.weights = {"bytes_mapped": mapped if device == "cpu" else 0,
+                            "bytes_copied": cost["bytes_copied"] + (mapped if device != "cpu" else 0),
+                            "bytes_loaded_from_disk": cost["bytes_loaded_from_disk"],
+                            "node_publish_s": t_map - t0, "shared": shared}
+        else:
+            model = load_model(m.preset, m.path, m.dtype, m.seed, device)
+            self.weights = {"bytes_mapped": 0, "bytes_copied": 0, "shared": False,
+                            "bytes_loaded_from_disk": _checkpoint_bytes(m.path)}
         lend = self.cfg.lending
-        return Engine(model, inst.kv_blocks, inst.block_size, instance_id=self.id,
-                      max_num_seqs=inst.max_num_seqs, max_batch_tokens=inst.max_batch_tokens,
-                      max_lend_fraction=lend.max_lend_fraction, min_free_fraction=lend.min_free_fraction)
+        engine = Engine(model, inst.kv_blocks, inst.block_size, instance_id=self.id,
+                        max_num_seqs=inst.max_num_seqs, max_batch_tokens=inst.max_batch_tokens,
+                        max_lend_fraction=lend.max_lend_fraction, min_free_fraction=lend.min_free_fraction)
+        self.weights["ready_s"] = time.perf_counter() - t0
+        return engine
 
     # ---- set-up --------------------------------------------------------------------------
     def info(self) -> dict:
@@ -155,6 +185,8 @@ class InstanceActor(TransportHost):
 
     def _enqueue(self, r: dict, stream: bool) -> "_Waiter":
         w = _Waiter(stream)
+        if self.draining:                      # routed here just before this replica left
+            return self._forward_fresh(r, w)
         try:
             params = SamplingParams(r.get("max_new_tokens", 16), r.get("temperature", 0.0),
                                     r.get("seed"), r.get("ignore_eos", False))
@@ -167,11 +199,23 @@ class InstanceActor(TransportHost):
             w.done(id=r["id"], error=str(e), error_type=type(e).__name__)
         return w
 
+    def pause(self, timeout_s: float = 30.0) -> bool:
+        """Stop stepping (between two steps) until `reconnect` or `resume`; True once parked."""
+        self.paused.set()
+        self.wake.set()
+        return self.parked.wait(timeout_s)
+
+    def resume(self) -> None:
+        self.paused.clear()
+        self.wake.set()
+
     def _loop(self) -> None:
         while not self.stopped:
-            if self.paused.is_set():           # rejoining the data plane
+            if self.paused.is_set():           # rejoining the data plane, or handing off
+                self.parked.set()
                 time.sleep(0.005)
                 continue
+            self.parked.clear()
             self._admit()
             if not self.engine.has_unfinished():
                 self._release_idle_spares()
@@ -266,6 +310,7 @@ class InstanceActor(TransportHost):
         w.done(id=seq.req_id, tokens=list(seq.output), finish_reason=seq.finish_reason,
                metrics=m, home=self.id)
         self.metrics.observe_request(m["ttft_s"], m["tpot_s"])
+        self.recent_ttft = [*self.recent_ttft[-255:], (time.monotonic(), m["ttft_s"])]
 
     def _fail_all(self, exc: Exception) -> None:
         for req_id in list(self.engine.seqs):
@@ -343,6 +388,8 @@ class InstanceActor(TransportHost):
 
     # ---- lending (creditor side) ---------------------------------------------------------
     def lend(self, debtor: int, n: int) -> list[int]:
+        if self.draining:
+            return []
         with self.lock:
             ids = self.engine.rm.lend(debtor, n)
         self._beat_now()
@@ -403,7 +450,7 @@ class InstanceActor(TransportHost):
             return Heartbeat(instance_id=self.id, node=ray.get_runtime_context().get_node_id(),
                              blocks_total=rm.num_blocks, blocks_free=rm.num_free,
                              blocks_lent=rm.num_lent, blocks_borrowed=rm.num_borrowed,
-                             lend_cap=rm.lend_cap, load=float(self.engine.scheduler.num_unfinished),
+                             lend_cap=0 if self.draining else rm.lend_cap, load=float(self.engine.scheduler.num_unfinished),
                              num_waiting=len(self.engine.scheduler.waiting),
                              creditors=rm.creditors(), debtors=rm.debtors(), seq=self._hb_seq).to_dict()
 
@@ -431,6 +478,14 @@ class InstanceActor(TransportHost):
         self.wake.set()
         if self.transport is not None:
             self.transport.close()
+
+
+def _checkpoint_bytes(path: str | None) -> int:
+    if path is None:
+        return 0
+    from autoscale.weights import checkpoint_bytes
+
+    return checkpoint_bytes(path)
 
 
 class _Waiter:

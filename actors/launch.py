@@ -11,7 +11,8 @@ from fabric.config import FabricConfig
 
 
 def new_instance(cfg: FabricConfig, index: int, actor_name: str, controller_name: str,
-                 namespace: str, fabric_name: str, detached: bool):
+                 namespace: str, fabric_name: str, detached: bool,
+                 manager_name: str | None = None):
     """An instance actor (one GPU each on CUDA), spread over the cluster's nodes."""
     actor_cls = ray.remote(**transport_actor_options(max_concurrency=64, transport_threads=16))(
         InstanceActor)
@@ -19,7 +20,7 @@ def new_instance(cfg: FabricConfig, index: int, actor_name: str, controller_name
         name=actor_name, namespace=namespace, lifetime="detached" if detached else None,
         num_cpus=cfg.instances.num_cpus, num_gpus=1 if cfg.instances.device == "cuda" else 0,
         scheduling_strategy="SPREAD",
-    ).remote(index, cfg.to_dict(), controller_name, namespace, fabric_name)
+    ).remote(index, cfg.to_dict(), controller_name, namespace, fabric_name, manager_name)
 
 
 def backend_of(cfg: FabricConfig) -> str:

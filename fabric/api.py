@@ -37,6 +37,10 @@ def _actor_names(name: str, count: int) -> tuple[str, list[str]]:
     return f"kvfabric-{name}-controller", [f"kvfabric-{name}-instance-{i}" for i in range(count)]
 
 
+def _manager_name(name: str) -> str:
+    return f"kvfabric-{name}-elastic"
+
+
 def _init_ray(address: str | None, cfg: FabricConfig | None) -> bool:
     """Connect or start Ray; True when this call started an embedded cluster."""
     import ray
@@ -77,7 +81,7 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
     import ray
 
     from actors.controller import ControllerActor
-    from actors.launch import new_instance
+    from actors.elastic import ElasticManager
 
     cfg = load_config(config)
     if cfg.model.path is not None:
@@ -86,16 +90,26 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
         check_checkpoint(cfg.model.path)     # a broken checkpoint fails here, before any actor
     owns_ray = _init_ray(address, cfg)
     name = name or uuid.uuid4().hex[:8]
-    ctrl_name, inst_names = _actor_names(name, cfg.instances.count)
+    ctrl_name, inst_names = _actor_names(name, cfg.initial_replicas)
     lifetime = "detached" if detached else None
     controller = ray.remote(ControllerActor).options(
         name=ctrl_name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=0, max_concurrency=16,
         max_restarts=-1, max_task_retries=-1,       # restarts rebuild the ledger from heartbeats
     ).remote(cfg.to_dict(), inst_names, NAMESPACE, name, detached)
-    instances = [new_instance(cfg, i, n, ctrl_name, NAMESPACE, name, detached)
-                 for i, n in enumerate(inst_names)]
-    fab = Fabric(name, cfg, controller, instances, owns_ray)
-    fab._connect_data_plane()
+    manager = ray.remote(ElasticManager).options(
+        name=_manager_name(name), namespace=NAMESPACE, lifetime=lifetime, num_cpus=0,
+        max_concurrency=64,
+    ).remote(cfg.to_dict(), name, NAMESPACE, ctrl_name, detached)
+    try:
+        members = ray.get(manager.start.remote(cfg.initial_replicas))
+    except Exception:
+        for actor in (manager, controller):
+            ray.kill(actor, no_restart=True)
+        if owns_ray:
+            ray.shutdown()
+        raise
+    instances = [ray.get_actor(n, namespace=NAMESPACE) for n in members["names"]]
+    fab = Fabric(name, cfg, controller, instances, owns_ray, manager, members)
     return fab
 
 
@@ -111,18 +125,23 @@ def connect(name: str, *, address: str | None = None) -> "Fabric":
     except ValueError:
         raise FabricError(f"no fabric named {name!r} is running") from None
     cfg = load_config(ray.get(controller.config.remote()))
-    _, inst_names = _actor_names(name, cfg.instances.count)
-    instances = [ray.get_actor(n, namespace=NAMESPACE) for n in inst_names]
-    return Fabric(name, cfg, controller, instances, owns_ray=False)
+    manager = ray.get_actor(_manager_name(name), namespace=NAMESPACE)
+    members = ray.get(manager.members.remote())
+    instances = [ray.get_actor(n, namespace=NAMESPACE) for n in members["names"]]
+    return Fabric(name, cfg, controller, instances, False, manager, members)
 
 
 class Fabric:
-    """A running fabric: one controller actor and `instances.count` instance actors."""
+    """A running fabric: a controller, an elastic manager and the instance (replica) actors."""
 
-    def __init__(self, name: str, cfg: FabricConfig, controller, instances: list, owns_ray: bool):
+    def __init__(self, name: str, cfg: FabricConfig, controller, instances: list, owns_ray: bool,
+                 manager=None, members: dict | None = None):
         import ray
 
         self.name, self.cfg, self.controller, self.instances = name, cfg, controller, instances
+        self.manager = manager
+        self.names: list[str] = list(members["names"]) if members else []
+        self.epoch = members["epoch"] if members else 0
         self._owns_ray = owns_ray
         self.infos = ray.get([a.info.remote() for a in instances])
         info = self.infos[0]
@@ -130,7 +149,7 @@ class Fabric:
         self.block_size = info["block_size"]
         self.tokenizer = self._tokenizer()
         self._next_home = 0
-        self._homes: dict[str, int] = {}      # streamed request id -> home instance
+        self._homes: dict[str, object] = {}   # streamed request id -> home instance actor
         self.dead: set[int] = set()           # instances found dead
 
     @property
@@ -152,11 +171,21 @@ class Fabric:
             return AutoTokenizer.from_pretrained(path)
         return None
 
-    def _connect_data_plane(self) -> None:
-        from actors.launch import backend_of, connect_instances
+    def _sync_members(self) -> None:
+        """Follow the elastic manager's replica set (one control call; nothing per token)."""
+        import ray
 
-        connect_instances(self.instances, backend_of(self.cfg), self.max_request_blocks)
-
+        if self.manager is None:
+            return
+        members = ray.get(self.manager.members.remote())
+        if members["epoch"] == self.epoch:
+            return
+        known = dict(zip(self.names, self.instances))
+        names = members["names"]
+        self.instances = [known.get(n) or ray.get_actor(n, namespace=NAMESPACE) for n in names]
+        self.dead = {i for i in self.dead if i < len(names) and i < len(self.names)
+                     and names[i] == self.names[i]}
+        self.names, self.epoch = list(names), members["epoch"]
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompts, *, max_new_tokens: int = 16, temperature: float = 0.0,
@@ -236,6 +265,8 @@ class Fabric:
 
         done: dict[str, dict] = {}
         todo = reqs
+        if todo:
+            self._sync_members()
         while todo:
             groups: dict[int, list[dict]] = {}
             for r in todo:
@@ -256,8 +287,9 @@ class Fabric:
         import ray
 
         try:
-            named = ray.get_actor(_actor_names(self.name, len(self.instances))[1][i],
-                                  namespace=NAMESPACE)
+            name = self.names[i] if i < len(self.names) else \
+                _actor_names(self.name, len(self.instances))[1][i]
+            named = ray.get_actor(name, namespace=NAMESPACE)
             if named._actor_id == self.instances[i]._actor_id:
                 return False
             ray.get(named.info.remote(), timeout=10)
@@ -298,12 +330,14 @@ class Fabric:
         (break, exception, garbage collection) cancels the request and frees its blocks."""
         import ray
 
+        self._sync_members()
         req = self._request(0, {"prompt": prompt, "max_new_tokens": max_new_tokens,
                                 "temperature": temperature, "seed": seed,
                                 "ignore_eos": ignore_eos, "id": request_id})
         home = self._pick_home()
-        self._homes[req["id"]] = home
-        gen = self.instances[home].stream.options(num_returns="streaming").remote(req)
+        instance = self.instances[home]
+        self._homes[req["id"]] = instance
+        gen = instance.stream.options(num_returns="streaming").remote(req)
         finished = False
         try:
             for ref in gen:
@@ -317,16 +351,16 @@ class Fabric:
         finally:
             self._homes.pop(req["id"], None)
             if not finished:
-                self.instances[home].abort.remote(req["id"])
+                instance.abort.remote(req["id"])
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a streamed request by id (see `stream(request_id=...)`); True if it was live."""
         import ray
 
-        home = self._homes.get(request_id)
-        if home is None:
+        instance = self._homes.get(request_id)
+        if instance is None:
             return False
-        return ray.get(self.instances[home].abort.remote(request_id))
+        return ray.get(instance.abort.remote(request_id))
 
     def _pick_home(self) -> int:
         for _ in range(len(self.instances)):
@@ -350,6 +384,7 @@ class Fabric:
 
         from ray.exceptions import RayActorError
 
+        self._sync_members()
         if self.dead:
             self._refresh_instances()
         inst = []
@@ -367,13 +402,29 @@ class Fabric:
         # the instances own the borrow counters (they survive a controller restart)
         lending = {"borrow_events": sum(s["borrow_events"] for s in inst),
                    "blocks_borrowed_total": sum(s["blocks_borrowed_total"] for s in inst)}
+        elastic = ray.get(self.manager.stats.remote()) if self.manager is not None else \
+            {"replicas": len(self.instances), "scale_events": []}
         return {"instances": [{k: s[k] for k in keys} | {"detail": s} for s in inst],
-                "lending": lending,
-                "elastic": {"replicas": len(self.instances), "scale_events": []},
+                "lending": lending, "elastic": elastic,
                 "controller": {"calls": ctrl["calls"]}}
 
     def scale(self, replicas: int) -> dict:
-        raise FabricError("elastic scaling is not available in this release")
+        """Run `replicas` instances: new ones map the weights already published on their node
+        (no disk read while a live copy exists) and join while the others serve; leaving ones
+        hand their requests' KV to the rest first. Returns the scale event (see `stats()`)."""
+        import ray
+
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise RequestError(f"replicas must be an integer >= 1, got {replicas!r}")
+        if self.manager is None:
+            raise FabricError("this fabric has no elastic manager")
+        try:
+            event = ray.get(self.manager.scale.remote(replicas))
+        except ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause()
+            raise (cause if isinstance(cause, FabricError) else FabricError(str(e))) from None
+        self._sync_members()
+        return event
 
     def disconnect(self) -> None:
         """Let go of this handle; the fabric keeps running (for a named, detached fabric)."""
@@ -382,6 +433,11 @@ class Fabric:
     def shutdown(self) -> None:
         import ray
 
+        if self.manager is not None:
+            try:
+                ray.get(self.manager.shutdown.remote(), timeout=30)
+            except Exception:
+                pass
         for a in self.instances:
             try:
                 ray.get(a.shutdown.remote(), timeout=10)
@@ -392,6 +448,8 @@ class Fabric:
             except Exception:
                 pass
         ray.kill(self.controller, no_restart=True)
+        if self.manager is not None:
+            ray.kill(self.manager, no_restart=True)
         self.instances = []
         if self._owns_ray:
             ray.shutdown()

@@ -93,23 +93,32 @@ class TransportConfig:
 
 @dataclass(frozen=True)
 class AutoscaleConfig:
+    """Elastic replicas (instances). Automatic scaling runs when `max_replicas` is set; the
+    Serve-like keys have Ray Serve's meanings (see autoscale/policy.py and docs/elastic.md)."""
     min_replicas: int = 1
-    max_replicas: int = 1
-    initial_replicas: int | None = None
-    target_ongoing_requests: float = 8.0
+    max_replicas: int | None = None         # None: no automatic scaling (fab.scale still works)
+    initial_replicas: int | None = None     # None: instances.count
+    target_ongoing_requests: float = 8.0    # per replica
     upscale_delay_s: float = 3.0
     downscale_delay_s: float = 30.0
     kv_utilization_high: float = 0.9
     kv_utilization_low: float = 0.3
     ttft_slo_s: float | None = None
-    request_resources: bool = True
+    interval_s: float = 1.0                 # how often the policy looks at the replicas
+    request_resources: bool = True          # ask Ray's autoscaler for room a replica lacks
+    scale_timeout_s: float = 300.0          # how long a new replica may wait for room
 
     def validate(self, prefix: str) -> None:
         _positive(f"{prefix}.min_replicas", self.min_replicas)
-        if self.max_replicas < self.min_replicas:
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
             raise ConfigError(
                 f"{prefix}.max_replicas ({self.max_replicas}) must be >= "
                 f"{prefix}.min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None:
+            _positive(f"{prefix}.initial_replicas", self.initial_replicas)
+            if not self.min_replicas <= self.initial_replicas <= (self.max_replicas or 1 << 30):
+                raise ConfigError(f"{prefix}.initial_replicas ({self.initial_replicas}) must lie "
+                                  f"within [min_replicas, max_replicas]")
         _positive(f"{prefix}.target_ongoing_requests", self.target_ongoing_requests)
         for name in ("upscale_delay_s", "downscale_delay_s"):
             if getattr(self, name) < 0:
@@ -118,6 +127,14 @@ class AutoscaleConfig:
         _fraction(f"{prefix}.kv_utilization_low", self.kv_utilization_low)
         if self.kv_utilization_low >= self.kv_utilization_high:
             raise ConfigError(f"{prefix}.kv_utilization_low must be < {prefix}.kv_utilization_high")
+        if self.ttft_slo_s is not None:
+            _positive(f"{prefix}.ttft_slo_s", self.ttft_slo_s)
+        _positive(f"{prefix}.interval_s", self.interval_s)
+        _positive(f"{prefix}.scale_timeout_s", self.scale_timeout_s)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_replicas is not None
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,18 @@ class FabricConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate(self, prefix: str) -> None:
+        a = self.autoscale
+        if a.enabled and a.initial_replicas is None and \
+                not a.min_replicas <= self.instances.count <= a.max_replicas:
+            raise ConfigError(f"instances.count ({self.instances.count}) must lie within "
+                              f"[autoscale.min_replicas, autoscale.max_replicas] (or set "
+                              f"autoscale.initial_replicas)")
+
+    @property
+    def initial_replicas(self) -> int:
+        return self.autoscale.initial_replicas or self.instances.count
 
 
 def load_config(config: "str | os.PathLike | dict | FabricConfig | None") -> FabricConfig:

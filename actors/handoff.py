@@ -1,0 +1,310 @@
+"""Handing requests and KV blocks between instances, for elastic scale-down.
+
+A leaving instance (`drain`) stops lending and admitting, exports each of its requests (tokens,
+sampling state, timings, and the KV of every computed token, its own blocks and those it
+borrowed) and a remaining instance `adopt`s it: it writes the KV into free blocks of its own and
+continues the request from where it was. Only when the target has no room for the KV is the
+request recomputed from its tokens (same tokens for greedy and seeded sampling). The leaving
+instance keeps the caller's request open and forwards what the new home produces, so every
+request is answered exactly once, by the call that submitted it.
+
+Blocks a leaving instance lent to others are moved back to their debtors (`relocate_from`).
+Mixed into `InstanceActor`; uses its engine, lock, waiters and peers.
+"""
+
+from __future__ import annotations
+
+import gc
+import queue
+import threading
+import time
+
+import ray
+import torch
+
+from fabric.errors import FabricError
+from fabric.rmanager import BlockRef
+from fabric.sequence import SamplingParams, Sequence
+
+
+class HandoffMixin:
+    # ---- the leaving side ----------------------------------------------------------------
+    def drain(self, targets: list[tuple[int, object]]) -> dict:
+        """Leave the fabric: hand every request to `targets` ([(id, handle)]), give borrowed
+        blocks back, and have debtors move blocks lent to them off this instance."""
+        t0 = time.perf_counter()
+        self.handoff_targets = list(targets)
+        self.draining = True
+        self._beat_now()                            # lend_cap 0: the ledger proposes it no more
+        self.pause()
+        report = {"moved": 0, "recomputed": 0, "fresh": 0, "kv_blocks_moved": 0,
+                  "kv_bytes_moved": 0, "lent_blocks_relocated": 0}
+        while True:                                 # never admitted: new requests elsewhere
+            try:
+                req_id, prompt, params = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            w = self.waiters.get(req_id)
+            if w is not None and req_id not in self.cancelled:
+                self._handoff(_fresh_state(req_id, prompt, params), None, None, w)
+                report["fresh"] += 1
+        with self.lock:
+            sched = self.engine.scheduler
+            exports = [(seq, *self._export(seq)) for seq in [*sched.running, *sched.waiting]]
+        for seq, state, k, v in exports:
+            w = self.waiters.get(seq.req_id)
+            info = self._handoff(state, k, v, w)
+            with self.lock:
+                self.engine.seqs.pop(seq.req_id, None)
+                self.engine.scheduler.remove(seq)
+            report["moved" if info["moved_blocks"] else "recomputed" if info["recomputed"]
+                   else "fresh"] += 1
+            report["kv_blocks_moved"] += info["moved_blocks"]
+            report["kv_bytes_moved"] += info["moved_blocks"] * self.engine.kv.bytes_per_block
+        with self.lock:
+            self.engine.rm.release_spares(keep=0)
+            debtors = list(self.engine.rm.debtors())
+        for d in debtors:
+            report["lent_blocks_relocated"] += ray.get(self.peers[d].relocate_from.remote(self.id))
+        with self.lock:
+            rm = self.engine.rm
+            report["lent_left"], report["borrowed_left"] = rm.num_lent, rm.num_borrowed
+        report["seconds"] = time.perf_counter() - t0
+        return report
+
+    def cancel_drain(self) -> None:
+        """A scale-down was called off: serve (and lend) again."""
+        self.draining = False
+        self.resume()
+
+    def retire(self) -> dict:
+        """After `drain` and leaving the data plane: stop, and free the model and KV memory.
+        The actor lives on only while it forwards results of requests it handed off."""
+        self.stopped = True
+        self.wake.set()
+        with self.lock:
+            left = len(self.engine.seqs)
+            self.engine.model = None
+            self.engine.kv = None
+        gc.collect()
+        return {"requests_left": left, "forwarding": self.num_forwarding}
+
+    def forwarding(self) -> int:
+        return self.num_forwarding
+
+    def _export(self, seq: Sequence):
+        """A request's state and the KV of its computed tokens ([L, n, bs, H_kv, D] each, in
+        table order), read from this instance's blocks and from its creditors'."""
+        rm, kv = self.engine.rm, self.engine.kv
+        state = _state_of(seq)
+        nb = rm.blocks_for(seq.num_computed)
+        if nb == 0:
+            return state, None, None
+        refs = rm.tables[seq.req_id][:nb]
+        k = torch.empty((kv.k.shape[0], nb, *kv.k.shape[2:]), dtype=kv.k.dtype)
+        v = torch.empty_like(k)
+        by_owner: dict[int, list[int]] = {}
+        for pos, ref in enumerate(refs):
+            by_owner.setdefault(ref.instance, []).append(pos)
+        for owner, positions in by_owner.items():
+            ids = [refs[p].block for p in positions]
+            if owner == self.id:
+                bk, bv = kv.read_blocks(ids)
+            else:
+                bk, bv = ray.get(self.peers[owner].read_lent.remote(self.id, ids))
+            k[:, positions], v[:, positions] = bk.cpu(), bv.cpu()
+        return state, k, v
+
+    def _pick_target(self, num_blocks: int):
+        """The remaining instance with the most free blocks (KV moves rather than recomputes)."""
+        free = ray.get([h.load_report.remote() for _, h in self.handoff_targets])
+        best = max(range(len(free)), key=lambda i: (free[i]["free_blocks"] >= num_blocks,
+                                                    free[i]["free_blocks"], -i))
+        return self.handoff_targets[best][1]
+
+    def _handoff(self, state: dict, k, v, w) -> dict:
+        target = self._pick_target(0 if k is None else k.shape[1])
+        gen = target.adopt.options(num_returns="streaming").remote(state, k, v)
+        info = ray.get(next(gen))
+        if w is not None:
+            self.num_forwarding += 1
+            threading.Thread(target=self._forward, args=(state["id"], w, gen), daemon=True,
+                             name=f"forward-{state['id']}").start()
+        return info
+
+    def _forward(self, req_id: str, w, gen) -> None:
+        """Pass the new home's tokens and result to the caller still waiting here."""
+        try:
+            for ref in gen:
+                item = ray.get(ref)
+                if isinstance(item, dict):
+                    w.done(**item)
+                    return
+                if w.tokens is not None:
+                    w.tokens.put(item)
+            w.done(id=req_id, error=f"request {req_id} ended without a result", error_type="FabricError")
+        except Exception as e:
+            w.done(id=req_id, error=f"handoff of request {req_id} failed: {e!r}",
+                   error_type="FabricError")
+        finally:
+            self.waiters.pop(req_id, None)
+            self.num_forwarding -= 1
+
+    def _forward_fresh(self, r: dict, w):
+        """A request that reached this instance after it started leaving: run it elsewhere."""
+        try:
+            params = SamplingParams(r.get("max_new_tokens", 16), r.get("temperature", 0.0),
+                                    r.get("seed"), r.get("ignore_eos", False))
+            self.waiters[r["id"]] = w
+            self._handoff(_fresh_state(r["id"], r["prompt"], params), None, None, w)
+        except Exception as e:
+            self.waiters.pop(r["id"], None)
+            w.done(id=r["id"], error=f"could not hand request {r['id']} on: {e!r}",
+                   error_type="FabricError")
+        return w
+
+    # ---- the receiving side --------------------------------------------------------------
+    def adopt(self, state: dict, k, v):
+        """Take over a request (a streaming generator): first {"moved_blocks", "recomputed"},
+        then each new token id, then the final result dict."""
+        from actors.instance import _Waiter
+
+        w = _Waiter(stream=True)
+        try:
+            info = self._adopt(state, k, v, w)
+        except FabricError as e:
+            info = {"moved_blocks": 0, "recomputed": False}
+            w.done(id=state["id"], error=str(e), error_type=type(e).__name__)
+        self.wake.set()
+        yield info
+        while (tok := w.tokens.get()) is not None:
+            yield tok
+        yield w.slot
+
+    def _adopt(self, state: dict, k, v, w) -> dict:
+        seq = _sequence_of(state)
+        with self.lock:
+            if seq.num_computed == 0:
+                self.engine.validate(seq.prompt, seq.params)   # new here: checked as on admission
+            if seq.req_id in self.waiters or seq.req_id in self.engine.seqs:
+                raise FabricError(f"request {seq.req_id!r} is already running here")
+            rm, sched = self.engine.rm, self.engine.scheduler
+            nb = rm.blocks_for(seq.num_computed)
+            moved = 0 < nb <= rm.num_free and k is not None
+            if moved:
+                rm.allocate(seq.req_id, seq.num_computed, may_borrow=False)   # local blocks only
+                self.engine.kv.write_blocks([r.block for r in rm.tables[seq.req_id]], k, v)
+                sched.running.append(seq)
+            else:
+                recomputed = seq.num_computed > 0
+                seq.num_computed = 0
+                seq.num_preemptions += int(recomputed)
+                sched.waiting.appendleft(seq)
+            self.engine.seqs[seq.req_id] = seq
+            self.waiters[seq.req_id] = w
+        return {"moved_blocks": nb if moved else 0, "recomputed": not moved and nb > 0}
+
+    # ---- creditors and debtors -------------------------------------------------------------
+    def read_lent(self, debtor: int, ids: list[int]):
+        """Copies of blocks lent to `debtor` (it is moving them elsewhere)."""
+        with self.lock:
+            if not self.engine.rm.holds_for(debtor, ids):
+                raise ValueError(f"instance {debtor} asked for blocks it did not borrow here")
+            k, v = self.engine.kv.read_blocks(ids)
+        return k.cpu(), v.cpu()
+
+    def relocate_from(self, creditor: int) -> int:
+        """`creditor` is leaving: copy every block of ours it holds into free blocks here (a
+        request that does not fit is recomputed later) and give its blocks back."""
+        was_paused = self.paused.is_set()
+        if not was_paused:
+            self.pause()
+        moved = 0
+        try:
+            with self.lock:
+                rm, sched = self.engine.rm, self.engine.scheduler
+                for seq in list(sched.running):
+                    table = rm.tables.get(seq.req_id, [])
+                    pos = [i for i, r in enumerate(table) if r.instance == creditor]
+                    if not pos:
+                        continue
+                    if len(pos) > rm.num_free:
+                        sched.preempt(seq)
+                        continue
+                    old = [table[i].block for i in pos]
+                    k, v = ray.get(self.peers[creditor].read_lent.remote(self.id, old))
+                    new = rm.pool.allocate(len(pos))
+                    self.engine.kv.write_blocks(new, k, v)
+                    for i, b in zip(pos, new):
+                        table[i] = BlockRef(self.id, b)
+                    rm.num_remote_in_tables[creditor] -= len(pos)
+                    self._release(creditor, old)
+                    moved += len(pos)
+                spare = rm.spare.pop(creditor, [])
+                if spare:
+                    self._release(creditor, spare)
+        finally:
+            if not was_paused:
+                self.resume()
+        self._beat_now()
+        return moved
+
+    # ---- reports for the elastic manager -------------------------------------------------
+    def load_report(self) -> dict:
+        """Load for the autoscaling policy and for placing handed-off requests."""
+        now = time.monotonic()
+        recent = sorted(t for at, t in self.recent_ttft if now - at < 30.0)
+        with self.lock:
+            rm = self.engine.rm
+            largest = max((rm.blocks_for(s.max_tokens) for s in self.engine.seqs.values()), default=0)
+            return {"id": self.id, "ongoing": len(self.waiters) - self.num_forwarding,
+                    "kv_utilization": 1.0 - rm.num_free / rm.num_blocks,
+                    "free_blocks": rm.num_free,
+                    "ttft_p90_s": recent[int(0.9 * (len(recent) - 1))] if recent else None,
+                    "largest_request_blocks": largest, "draining": self.draining}
+
+    def expert_load(self) -> list[list[int]]:
+        """Tokens routed to each expert so far, as [layer, expert, tokens] rows."""
+        rows = []
+        for layer, block in enumerate(self.engine.model.model.layers):
+            moe = getattr(block, "block_sparse_moe", None)
+            if moe is not None:
+                rows += [[layer, e, int(n)] for e, n in enumerate(moe.tokens_per_expert.tolist())]
+        return rows
+
+    def weights_report(self) -> dict:
+        return dict(self.weights)
+
+
+def _state_of(seq: Sequence) -> dict:
+    now = time.perf_counter()
+    gen = seq.generator
+    return {"id": seq.req_id, "prompt": list(seq.prompt), "output": list(seq.output),
+            "max_new_tokens": seq.params.max_new_tokens, "temperature": seq.params.temperature,
+            "seed": seq.params.seed, "ignore_eos": seq.params.ignore_eos,
+            "num_computed": seq.num_computed, "num_preemptions": seq.num_preemptions,
+            "age_s": now - seq.arrival,
+            "first_token_age_s": None if seq.first_token_at is None else now - seq.first_token_at,
+            "generator": None if gen is None else bytes(gen.get_state().numpy())}
+
+
+def _fresh_state(req_id: str, prompt: list[int], params: SamplingParams) -> dict:
+    return {"id": req_id, "prompt": list(prompt), "output": [],
+            "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+            "seed": params.seed, "ignore_eos": params.ignore_eos, "num_computed": 0,
+            "num_preemptions": 0, "age_s": 0.0, "first_token_age_s": None, "generator": None}
+
+
+def _sequence_of(state: dict) -> Sequence:
+    now = time.perf_counter()
+    params = SamplingParams(state["max_new_tokens"], state["temperature"], state["seed"],
+                            state["ignore_eos"])
+    seq = Sequence(state["id"], list(state["prompt"]), params, output=list(state["output"]),
+                   num_computed=state["num_computed"], num_preemptions=state["num_preemptions"])
+    seq.arrival = now - state["age_s"]
+    if state["first_token_age_s"] is not None:
+        seq.first_token_at = now - state["first_token_age_s"]
+    if state["generator"] is not None:
+        seq.generator = torch.Generator()
+        seq.generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+    return seq

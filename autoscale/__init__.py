@@ -1,0 +1,1 @@
+"""Elastic MoE: weight publishing, expert placement and autoscaling policies."""
