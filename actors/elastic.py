@@ -223,7 +223,9 @@ class ElasticManager:
                 "kind": "down", "pause_s": pause_s, "expert_bytes_moved": moved,
                 "requests_moved": total("moved"), "requests_recomputed": total("recomputed"),
                 "requests_requeued": total("fresh"), "kv_bytes_moved": total("kv_bytes_moved"),
-                "lent_blocks_relocated": total("lent_blocks_relocated")}
+                "lent_blocks_relocated": total("lent_blocks_relocated"),
+                "lent_blocks_returned": total("lent_blocks_returned"),
+                "debtor_requests_recomputed": total("debtor_requests_recomputed")}
 
     def _check_fits(self, target: int) -> None:
         """Refuse to shrink below what a running request needs (it could never fit again)."""
@@ -265,10 +267,7 @@ class ElasticManager:
     def _replan_experts(self) -> int:
         """Assign each expert to one of the nodes now serving: fewest bytes moved, balanced by
         the measured load. Returns the bytes whose device changed (0 for dense models)."""
-        try:
-            from autoscale.placement import bytes_moved, naive_placement, plan_placement
-        except ImportError:  # TEMP
-            return 0
+        from autoscale.placement import bytes_moved, naive_placement, plan_placement
 
         infos = ray.get([h.info.remote() for h in self.handles])
         devices = sorted({i["node"] for i in infos})

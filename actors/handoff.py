@@ -38,7 +38,8 @@ class HandoffMixin:
         self._beat_now()                            # lend_cap 0: the ledger proposes it no more
         self.pause()
         report = {"moved": 0, "recomputed": 0, "fresh": 0, "kv_blocks_moved": 0,
-                  "kv_bytes_moved": 0, "lent_blocks_relocated": 0}
+                  "kv_bytes_moved": 0, "lent_blocks_relocated": 0, "lent_blocks_returned": 0,
+                  "debtor_requests_recomputed": 0}
         while True:                                 # never admitted: new requests elsewhere
             try:
                 req_id, prompt, params = self.inbox.get_nowait()
@@ -65,7 +66,10 @@ class HandoffMixin:
             self.engine.rm.release_spares(keep=0)
             debtors = list(self.engine.rm.debtors())
         for d in debtors:
-            report["lent_blocks_relocated"] += ray.get(self.peers[d].relocate_from.remote(self.id))
+            r = ray.get(self.peers[d].relocate_from.remote(self.id))
+            report["lent_blocks_relocated"] += r["moved"]
+            report["lent_blocks_returned"] += r["returned"]
+            report["debtor_requests_recomputed"] += r["preempted"]
         with self.lock:
             rm = self.engine.rm
             report["lent_left"], report["borrowed_left"] = rm.num_lent, rm.num_borrowed
@@ -213,13 +217,14 @@ class HandoffMixin:
             k, v = self.engine.kv.read_blocks(ids)
         return k.cpu(), v.cpu()
 
-    def relocate_from(self, creditor: int) -> int:
+    def relocate_from(self, creditor: int) -> dict:
         """`creditor` is leaving: copy every block of ours it holds into free blocks here (a
-        request that does not fit is recomputed later) and give its blocks back."""
+        request that does not fit is recomputed later) and give its blocks back. Returns the
+        blocks moved, the spare (unused) ones returned, and the requests preempted."""
         was_paused = self.paused.is_set()
         if not was_paused:
             self.pause()
-        moved = 0
+        moved = returned = preempted = 0
         try:
             with self.lock:
                 rm, sched = self.engine.rm, self.engine.scheduler
@@ -230,6 +235,7 @@ class HandoffMixin:
                         continue
                     if len(pos) > rm.num_free:
                         sched.preempt(seq)
+                        preempted += 1
                         continue
                     old = [table[i].block for i in pos]
                     k, v = ray.get(self.peers[creditor].read_lent.remote(self.id, old))
@@ -243,11 +249,12 @@ class HandoffMixin:
                 spare = rm.spare.pop(creditor, [])
                 if spare:
                     self._release(creditor, spare)
+                returned = len(spare)
         finally:
             if not was_paused:
                 self.resume()
         self._beat_now()
-        return moved
+        return {"moved": moved, "returned": returned, "preempted": preempted}
 
     # ---- reports for the elastic manager -------------------------------------------------
     def load_report(self) -> dict:
