@@ -55,6 +55,8 @@ class ElasticManager:
         self.events: list[dict] = []
         self.start_event: dict | None = None
         self.placement: dict = {}
+        self.expert_bytes = {"planner": 0, "naive": 0}    # moved over all events so far
+        self.placement_report: dict = {}
         self.last_decision: dict | None = None
         self._serial = itertools.count(1)
         self.policy = AutoscalePolicy(self.cfg.autoscale) if self.cfg.autoscale.enabled else None
@@ -192,7 +194,8 @@ class ElasticManager:
         moved = self._replan_experts()
         return self._event(current, target, t0, costs) | {
             "kind": "up", "replica_ready_s": max(c["ready_s"] for c in costs),
-            "bring_up_s": t_ready - t0, "pause_s": pause_s, "expert_bytes_moved": moved}
+            "bring_up_s": t_ready - t0, "pause_s": pause_s, "expert_bytes_moved": moved,
+            "naive_expert_bytes_moved": self.placement_report.get("naive_bytes_moved", 0)}
 
     def _scale_down(self, target: int) -> dict:
         t0 = time.perf_counter()
@@ -221,6 +224,7 @@ class ElasticManager:
         return {"from": current, "to": target, "seconds": time.perf_counter() - t0,
                 "bytes_mapped": 0, "bytes_copied": 0, "bytes_loaded_from_disk": 0,
                 "kind": "down", "pause_s": pause_s, "expert_bytes_moved": moved,
+                "naive_expert_bytes_moved": self.placement_report.get("naive_bytes_moved", 0),
                 "requests_moved": total("moved"), "requests_recomputed": total("recomputed"),
                 "requests_requeued": total("fresh"), "kv_bytes_moved": total("kv_bytes_moved"),
                 "lent_blocks_relocated": total("lent_blocks_relocated"),
@@ -265,14 +269,14 @@ class ElasticManager:
 
     # ---- expert placement ----------------------------------------------------------------
     def _replan_experts(self) -> int:
-        """Assign each expert to one of the nodes now serving: fewest bytes moved, balanced by
-        the measured load. Returns the bytes whose device changed (0 for dense models)."""
+        """Assign each expert to one of the replicas now serving (a replica is one device: a GPU,
+        or a CPU worker): fewest bytes moved, balanced by the measured load. Returns the bytes
+        whose device changed (0 for dense models)."""
         from autoscale.placement import bytes_moved, naive_placement, plan_placement
 
-        infos = ray.get([h.info.remote() for h in self.handles])
-        devices = sorted({i["node"] for i in infos})
-        store = self.stores.get(devices[0]) if devices else None
-        if store is None:
+        devices = list(self.names)
+        store = next(iter(self.stores.values()), None)
+        if store is None or not devices:
             return 0
         sizes = {k: n for k, n in ray.get(store.manifest.remote())["sizes"].items() if k != "dense"}
         if not sizes:
@@ -289,6 +293,8 @@ class ElasticManager:
                             sizes) if old else 0
         self.placement_report = {"devices": devices, "bytes_moved": moved,
                                  "naive_bytes_moved": naive}
+        self.expert_bytes = {"planner": self.expert_bytes["planner"] + moved,
+                             "naive": self.expert_bytes["naive"] + naive}
         self.placement = new
         return moved
 
@@ -313,7 +319,8 @@ class ElasticManager:
                 "start": self.start_event, "epoch": self.epoch,
                 "policy": self.last_decision if self.policy is not None else None,
                 "placement": {f"{l}.{e}": d for (l, e), d in sorted(self.placement.items())},
-                "placement_report": getattr(self, "placement_report", None),
+                "placement_report": self.placement_report,
+                "expert_bytes_moved": dict(self.expert_bytes),
                 "weight_stores": {n: c for n, c in self.store_costs.items()}}
 
     def shutdown(self) -> None:

@@ -362,8 +362,15 @@ def test_serve_status_run_scale_stop(tmp_path, head, config_file, reference):
         assert "ok 2, errors 1" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
         assert without_metrics(job_out) == without_metrics(dst)
 
-        scaled = call("scale", "--replicas", "2")
-        assert scaled.returncode == 2 and "not available" in scaled.stderr
+        scaled = call("scale", "--replicas", "3")           # elastic: a third replica joins
+        assert scaled.returncode == 0, scaled.stderr[-3000:]
+        event = json.loads(scaled.stdout)
+        assert (event["from"], event["to"], event["bytes_loaded_from_disk"]) == (2, 3, 0)
+        assert len(json.loads(call("status", "--json").stdout)["instances"]) == 3
+        back = call("scale", "--replicas", "2")
+        assert back.returncode == 0 and json.loads(back.stdout)["to"] == 2, back.stderr[-3000:]
+        bad = call("scale", "--replicas", "0")
+        assert bad.returncode == 2 and "--replicas must be >= 1" in bad.stderr
     finally:
         stopped = call("stop")
     assert stopped.returncode == 0 and f"fabric {name!r} stopped" in stopped.stdout, stopped.stderr
