@@ -68,6 +68,11 @@ class ControllerActor:
     def config(self) -> dict:
         return self._config
 
+    def members(self) -> list[str]:
+        """The replica actor names, by rank (a restarted elastic manager reads them here)."""
+        with self.lock:
+            return list(self.instance_names)
+
     def remove_instance(self, instance_id: int) -> None:
         """`instance_id` died (found by an instance, the driver or the watchdog): drop it from
         the ledger, have its lenders take their blocks back, and replace it when there is room."""

@@ -57,10 +57,40 @@ class ElasticManager:
         self.placement: dict = {}
         self.expert_bytes = {"planner": 0, "naive": 0}    # moved over all events so far
         self.placement_report: dict = {}
+        self.resources_requested = 0       # replicas' worth of resources asked of the autoscaler
         self.last_decision: dict | None = None
         self._serial = itertools.count(1)
         self.policy = AutoscalePolicy(self.cfg.autoscale) if self.cfg.autoscale.enabled else None
         self.stopped = False
+        self._recover()
+
+    def _recover(self) -> None:
+        """After a restart (its node died), take the replica set from the controller and the
+        weight stores by name; the event history starts over."""
+        names = ray.get(self.controller.members.remote())
+        if not names or not self._actor_exists(names[0]):
+            return
+        self.names = names
+        self.handles = [ray.get_actor(n, namespace=self.namespace) for n in names]
+        for node in ray.nodes():
+            if node["Alive"] and self._actor_exists(self._store_name(node["NodeID"])):
+                self.stores[node["NodeID"]] = ray.get_actor(self._store_name(node["NodeID"]),
+                                                            namespace=self.namespace)
+                self.store_costs[node["NodeID"]] = {"bytes_loaded_from_disk": 0,
+                                                    "bytes_copied": 0, "recovered": True}
+        self.epoch = time.time_ns()
+        if self.policy is not None:
+            threading.Thread(target=self._policy_loop, name="autoscale", daemon=True).start()
+
+    def _actor_exists(self, name: str) -> bool:
+        try:
+            ray.get_actor(name, namespace=self.namespace)
+            return True
+        except ValueError:
+            return False
+
+    def _store_name(self, node_id: str) -> str:
+        return f"kvfabric-{self.fabric_name}-weights-{node_id[:16]}"
 
     # ---- weights -------------------------------------------------------------------------
     def weights_for(self, node_id: str) -> tuple[dict, dict]:
@@ -70,16 +100,26 @@ class ElasticManager:
             lock = self.node_locks.setdefault(node_id, threading.Lock())
         with lock:
             if node_id in self.stores:
-                return ray.get(self.stores[node_id].manifest.remote()), \
-                    {"bytes_copied": 0, "bytes_loaded_from_disk": 0}
+                try:
+                    return ray.get(self.stores[node_id].manifest.remote(), timeout=60), \
+                        {"bytes_copied": 0, "bytes_loaded_from_disk": 0}
+                except Exception:                 # the store died: publish the node anew
+                    self.stores.pop(node_id, None)
             store = ray.remote(WeightStore).options(
+                name=self._store_name(node_id), namespace=self.namespace, get_if_exists=True,
                 num_cpus=0, lifetime="detached" if self.detached else None,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             ).remote(dataclasses.asdict(self.cfg.model))
-            peers = [s for n, s in self.stores.items() if n != node_id]
-            if peers:            # a live copy exists: pull it node to node, never from disk
-                cost = ray.get(store.copy_from.remote(ray.get(peers[0].manifest.remote())))
-            else:
+            cost = None
+            for peer_node, peer in [(n, s) for n, s in self.stores.items() if n != node_id]:
+                try:             # a live copy exists: pull it node to node, never from disk
+                    manifest = ray.get(peer.manifest.remote(), timeout=60)
+                except Exception:            # that peer's node is gone: try the next
+                    self.stores.pop(peer_node, None)
+                    continue
+                cost = ray.get(store.copy_from.remote(manifest))
+                break
+            if cost is None:
                 cost = ray.get(store.load.remote())
             self.stores[node_id] = store
             self.store_costs[node_id] = cost
@@ -109,7 +149,20 @@ class ElasticManager:
     def _publish(self, names: list[str], handles: list) -> None:
         """The replica set the driver routes to (it follows `epoch`)."""
         self.names, self.handles = list(names), list(handles)
-        self.epoch += 1
+        self.epoch = time.time_ns()          # unique across manager restarts
+
+    def _refresh_handles(self) -> None:
+        """Handles by name: the controller may have replaced a dead replica under its name."""
+        fresh = []
+        for name, old in zip(self.names, self.handles):
+            try:
+                named = ray.get_actor(name, namespace=self.namespace)
+            except ValueError:
+                named = old
+            # keep the creating handle while it names the same actor: dropping the owner's
+            # handle would end a non-detached actor
+            fresh.append(old if named._actor_id == old._actor_id else named)
+        self.handles = fresh
 
     def _launch(self, first: int, names: list[str]) -> list:
         from actors.launch import new_instance
@@ -133,6 +186,8 @@ class ElasticManager:
         if len(ready) < len(refs):
             for h in handles:
                 ray.kill(h)
+            if self.resources_requested > len(self.names):
+                self._request_resources(len(self.names))
             raise FabricError(f"no room in the cluster for {len(refs) - len(ready)} more "
                               f"replica(s) within autoscale.scale_timeout_s")
         ray.get(refs)                     # a replica that failed to start raises here
@@ -168,6 +223,7 @@ class ElasticManager:
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise FabricError(f"replicas must be an integer >= 1, got {replicas!r}")
         with self.scale_lock:
+            self._refresh_handles()
             current = len(self.names)
             if replicas == current:
                 return {}
@@ -218,6 +274,8 @@ class ElasticManager:
         ray.get([h.close_transport.remote() for h in leave])
         pause_s = self._connect(keep, ["reconnect"] * len(keep))
         ray.get([h.retire.remote() for h in leave])
+        if self.resources_requested > target:      # let the autoscaler take idle nodes back
+            self._request_resources(target)
         threading.Thread(target=self._reap, args=(leave,), daemon=True).start()
         moved = self._replan_experts()
         total = lambda k: sum(r[k] for r in reports)   # noqa: E731
@@ -303,6 +361,7 @@ class ElasticManager:
         while not self.stopped:
             time.sleep(self.cfg.autoscale.interval_s)
             try:
+                self._refresh_handles()
                 reports = ray.get([h.load_report.remote() for h in self.handles], timeout=30)
                 loads = [ReplicaLoad(float(r["ongoing"]), r["kv_utilization"], r["ttft_p90_s"])
                          for r in reports]
@@ -321,6 +380,7 @@ class ElasticManager:
                 "placement": {f"{l}.{e}": d for (l, e), d in sorted(self.placement.items())},
                 "placement_report": self.placement_report,
                 "expert_bytes_moved": dict(self.expert_bytes),
+                "resources_requested": self.resources_requested,
                 "weight_stores": {n: c for n, c in self.store_costs.items()}}
 
     def shutdown(self) -> None:

@@ -96,9 +96,13 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
         name=ctrl_name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=0, max_concurrency=16,
         max_restarts=-1, max_task_retries=-1,       # restarts rebuild the ledger from heartbeats
     ).remote(cfg.to_dict(), inst_names, NAMESPACE, name, detached)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     manager = ray.remote(ElasticManager).options(
         name=_manager_name(name), namespace=NAMESPACE, lifetime=lifetime, num_cpus=0,
-        max_concurrency=64,
+        max_concurrency=64, max_restarts=-1, max_task_retries=-1,   # restarts recover the set
+        scheduling_strategy=NodeAffinitySchedulingStrategy(      # beside the driver if it can
+            ray.get_runtime_context().get_node_id(), soft=True),
     ).remote(cfg.to_dict(), name, NAMESPACE, ctrl_name, detached)
     try:
         members = ray.get(manager.start.remote(cfg.initial_replicas))
