@@ -204,19 +204,30 @@ class ElasticManager:
         self.resources_requested = replicas
 
     def _connect(self, handles: list, methods: list[str]) -> float:
-        """Rebuild the data plane over `handles`: everyone already serving parks between two
-        steps first, so no attention call is in flight when the old group closes."""
-        from actors.launch import backend_of, connect_instances
+        """Build the data plane over `handles`: new replicas `connect`; serving ones join the
+        new group beside their current one (`prepare`) and then `switch` between two steps, so
+        serving never stops for the rendezvous. Returns the longest pause of one replica."""
+        from actors.launch import backend_of
         from fabric.rmanager import max_request_blocks
 
-        t0 = time.perf_counter()
-        serving = [h for h, m in zip(handles, methods) if m == "reconnect"]
-        ray.get([h.pause.remote() for h in serving])
         c = self.cfg
         blocks = max_request_blocks(len(handles), c.instances.kv_blocks, c.lending.enabled,
                                     c.lending.max_lend_fraction, c.lending.min_free_fraction)
-        connect_instances(handles, backend_of(c), blocks, methods)
-        return time.perf_counter() - t0
+        addr, port = ray.get(handles[0].transport_address.remote())
+        args = (len(handles), addr, port, backend_of(c), handles, blocks)
+        ray.get([getattr(h, "connect" if m == "connect" else "prepare").remote(*args)
+                 for h, m in zip(handles, methods)], timeout=180)
+        serving = [h for h, m in zip(handles, methods) if m != "connect"]
+        pauses = ray.get([h.switch.remote() for h in serving])
+        self._closing = serving
+        return max(pauses, default=0.0)
+
+    def _close_old_planes(self, others: list = ()) -> None:
+        """Every member has switched: close the old group (with the replicas that left it)."""
+        refs = [h.close_old_transports.remote() for h in getattr(self, "_closing", [])]
+        refs += [h.close_transport.remote() for h in others]
+        ray.get(refs, timeout=60)
+        self._closing = []
 
     # ---- scaling -------------------------------------------------------------------------
     def scale(self, replicas: int, reason: str = "manual") -> dict:
@@ -245,6 +256,7 @@ class ElasticManager:
         handles = self.handles + new
         ray.get(self.controller.set_members.remote(self.names + names))
         pause_s = self._connect(handles, ["reconnect"] * current + ["connect"] * len(new))
+        self._close_old_planes()
         self._publish(self.names + names, handles)        # traffic switches here
         costs = ray.get([h.weights_report.remote() for h in new])
         moved = self._replan_experts()
@@ -271,8 +283,8 @@ class ElasticManager:
             self._publish(names, keep + leave)
             raise
         ray.get(self.controller.set_members.remote(names[:target]))
-        ray.get([h.close_transport.remote() for h in leave])
         pause_s = self._connect(keep, ["reconnect"] * len(keep))
+        self._close_old_planes(leave)
         ray.get([h.retire.remote() for h in leave])
         if self.resources_requested > target:      # let the autoscaler take idle nodes back
             self._request_resources(target)

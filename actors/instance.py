@@ -79,28 +79,32 @@ class InstanceActor(HandoffMixin, TransportHost):
         device = "cuda" if inst.device == "cuda" else "cpu"
         t0 = time.perf_counter()
         if self.manager is not None:
-            from autoscale.weights import is_shared_mapping, map_weights
+            from autoscale.weights import all_shared, map_weights
             from fabric.model.checkpoint import build_model
 
             manifest, cost = ray.get(self.manager.weights_for.remote(
                 ray.get_runtime_context().get_node_id()))
-            t_map = time.perf_counter()
+            t_manifest = time.perf_counter()
             state, mapped = map_weights(manifest)
+            t_map = time.perf_counter()
             model = build_model(manifest["args"], state, m.dtype, device)
-            shared = device == "cpu" and all(is_shared_mapping(p) for p in model.parameters())
+            t_build = time.perf_counter()
             self.weights = {"bytes_mapped": mapped if device == "cpu" else 0,
                             "bytes_copied": cost["bytes_copied"] + (mapped if device != "cpu" else 0),
                             "bytes_loaded_from_disk": cost["bytes_loaded_from_disk"],
-                            "node_publish_s": t_map - t0, "shared": shared}
+                            "manifest_s": t_manifest - t0, "map_s": t_map - t_manifest,
+                            "build_s": t_build - t_map}
         else:
             model = load_model(m.preset, m.path, m.dtype, m.seed, device)
-            self.weights = {"bytes_mapped": 0, "bytes_copied": 0, "shared": False,
+            self.weights = {"bytes_mapped": 0, "bytes_copied": 0,
                             "bytes_loaded_from_disk": _checkpoint_bytes(m.path)}
         lend = self.cfg.lending
         engine = Engine(model, inst.kv_blocks, inst.block_size, instance_id=self.id,
                         max_num_seqs=inst.max_num_seqs, max_batch_tokens=inst.max_batch_tokens,
                         max_lend_fraction=lend.max_lend_fraction, min_free_fraction=lend.min_free_fraction)
-        self.weights["ready_s"] = time.perf_counter() - t0
+        self.weights["ready_s"] = time.perf_counter() - t0    # weights + model + KV pool
+        self.weights["shared"] = device == "cpu" and self.manager is not None and \
+            all_shared(list(model.parameters()))
         return engine
 
     # ---- set-up --------------------------------------------------------------------------
@@ -146,6 +150,27 @@ class InstanceActor(HandoffMixin, TransportHost):
             self.paused.clear()
             self.wake.set()
         return True
+
+    def prepare(self, world_size: int, master_addr: str, master_port: int, backend: str,
+                peers: list, max_request_blocks: int) -> bool:
+        """Join the next data plane (members changed) while still serving on the current one."""
+        self.prepare_transport(self.id, world_size, master_addr, master_port, backend, peers)
+        self._next_plane = (list(peers), max_request_blocks)
+        return True
+
+    def switch(self) -> float:
+        """Move to the prepared data plane between two steps; returns how long stepping paused."""
+        t0 = time.perf_counter()
+        self.pause()
+        try:
+            with self.lock:
+                self.swap_transport()
+                self.peers, self.engine.max_request_blocks = self._next_plane
+                self.engine.remote = TransportPartials(self.transport)
+                self.dead_peers.clear()
+        finally:
+            self.resume()
+        return time.perf_counter() - t0
 
     # ---- requests ------------------------------------------------------------------------
     def generate(self, requests: list[dict]) -> list[dict]:

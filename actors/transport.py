@@ -587,6 +587,31 @@ class TransportHost:
         self.transport.start(self.serve_transport)   # calls that arrive first wait for this
         return True
 
+    def prepare_transport(self, rank: int, world_size: int, master_addr: str, master_port: int,
+                          backend: str, peers: list, **options) -> bool:
+        """Join a new group beside the current one (a collective, like `setup_transport`): it
+        serves at once, but this actor keeps calling on the current group until
+        `swap_transport`. Lets a fabric change members without stopping to rebuild."""
+        if backend == "torch":
+            options.setdefault("local_addr", ray.util.get_node_ip_address())
+        fresh = create_transport(backend, rank=rank, world_size=world_size, master_addr=master_addr,
+                                 master_port=master_port, peers=peers, **options)
+        fresh.start(self.serve_transport)
+        self.__dict__["_next_transport"] = fresh
+        return True
+
+    def swap_transport(self) -> None:
+        """Call on the prepared group from now on; the old one serves until `close_old_transports`."""
+        old, self.transport = self.transport, self.__dict__.pop("_next_transport")
+        if old is not None:
+            self.__dict__.setdefault("_old_transports", []).append(old)
+
+    def close_old_transports(self, wait_s: float = 0.0) -> bool:
+        olds = self.__dict__.pop("_old_transports", [])
+        for t in olds:
+            t.close(wait_s)
+        return not any(t.is_serving() for t in olds)
+
     def close_transport(self, wait_s: float = 0.0) -> bool:
         """Close the endpoint (kept, so that late calls get a clear "closed" error); True once its
         service threads have ended, which needs every peer to have closed too."""

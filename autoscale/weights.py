@@ -77,19 +77,27 @@ def checkpoint_bytes(path: str) -> int:
     return sum(os.path.getsize(f) for f in _safetensors_files(path))
 
 
-def is_shared_mapping(t: torch.Tensor) -> bool:
-    """True when `t`'s memory lies in a shared mapping of Ray's object store (Linux)."""
-    addr = t.data_ptr()
+def _shared_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process mapped shared from Ray's object store (Linux)."""
+    ranges = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 parts = line.split()
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                if lo <= addr < hi:
-                    return "s" in parts[1] and "plasma" in line
+                if "plasma" in line and len(parts) > 1 and "s" in parts[1]:
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    ranges.append((lo, hi))
     except OSError:
         pass
-    return False
+    return ranges
+
+
+def all_shared(tensors: list[torch.Tensor]) -> bool:
+    """True when every tensor's memory lies in a shared mapping of Ray's object store: the
+    weights were mapped, not copied."""
+    ranges = _shared_ranges()
+    return bool(tensors) and all(any(lo <= t.data_ptr() < hi for lo, hi in ranges)
+                                 for t in tensors)
 
 
 class WeightStore:

@@ -272,16 +272,21 @@ class Fabric:
         if todo:
             self._sync_members()
         while todo:
+            instances = self.instances             # one snapshot: scaling may swap the list
             groups: dict[int, list[dict]] = {}
             for r in todo:
-                groups.setdefault(self._pick_home(), []).append(r)
-            refs = {h: self.instances[h].generate.remote(rs) for h, rs in groups.items()}
+                groups.setdefault(self._pick_home(instances), []).append(r)
+            refs = {h: instances[h].generate.remote(rs) for h, rs in groups.items()}
             todo = []
             for h, ref in refs.items():
                 try:
                     done.update((d["id"], d) for d in ray.get(ref))
                 except RayActorError:
-                    self._mark_dead(h)
+                    self._sync_members()
+                    now = [i for i, a in enumerate(self.instances)
+                           if a._actor_id == instances[h]._actor_id]
+                    if now:                        # a member died (else: it had left)
+                        self._mark_dead(now[0])
                     todo += groups[h]
             if todo:
                 self._refresh_instances()
@@ -338,8 +343,8 @@ class Fabric:
         req = self._request(0, {"prompt": prompt, "max_new_tokens": max_new_tokens,
                                 "temperature": temperature, "seed": seed,
                                 "ignore_eos": ignore_eos, "id": request_id})
-        home = self._pick_home()
-        instance = self.instances[home]
+        instances = self.instances
+        instance = instances[self._pick_home(instances)]
         self._homes[req["id"]] = instance
         gen = instance.stream.options(num_returns="streaming").remote(req)
         finished = False
@@ -366,10 +371,12 @@ class Fabric:
             return False
         return ray.get(instance.abort.remote(request_id))
 
-    def _pick_home(self) -> int:
-        for _ in range(len(self.instances)):
-            home = self._next_home
-            self._next_home = (home + 1) % len(self.instances)
+    def _pick_home(self, instances: list | None = None) -> int:
+        """Round robin over the live instances of `instances` (default: the current list)."""
+        n = len(self.instances if instances is None else instances)
+        for _ in range(n):
+            home = self._next_home % n
+            self._next_home = (home + 1) % n
             if home not in self.dead:
                 return home
         raise FabricError("every instance of the fabric has died")

@@ -7,6 +7,7 @@ broken checkpoint fails with a `ConfigError` that names the tensor, never a half
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,9 +34,24 @@ def load_model(preset: str | None = "tiny-llama", path: str | None = None, dtype
     return build_model(args, state, dtype, device)
 
 
+@contextlib.contextmanager
+def _no_init():
+    """Skip parameter initialisation while building on the meta device: every tensor is
+    replaced by the checkpoint's, and initialising meta tensors goes through torch's reference
+    kernels, whose first use imports torch._dynamo (about a second in a fresh process)."""
+    saved = [(cls, cls.reset_parameters) for cls in (torch.nn.Linear, torch.nn.Embedding)]
+    for cls, _ in saved:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, fn in saved:
+            cls.reset_parameters = fn
+
+
 def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: str = "float32",
                 device: str = "cpu") -> Transformer:
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = Transformer(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     _check_tensors(expected, state)
@@ -79,7 +95,7 @@ def check_checkpoint(path: str) -> ModelArgs:
     state = _normalise_names({k: torch.empty(v, device="meta") for k, v in shapes.items()}, args)
     if args.tie_word_embeddings:
         state["lm_head.weight"] = state.get("model.embed_tokens.weight")
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     _check_tensors(expected, state)
     return args
@@ -151,7 +167,7 @@ def _normalise_names(state: dict, args: ModelArgs) -> dict:
 
 def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     """Random weights from a fixed seed, scaled so that logits are well spread (greedy is stable)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     state = {}

@@ -11,7 +11,7 @@ from fabric.model.args import ModelArgs
 
 def inv_frequencies(args: ModelArgs) -> torch.Tensor:
     dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).double() / dim))
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").double() / dim))
     kind = args.rope_scaling.get("rope_type", "default") if args.rope_scaling else "default"
     if kind == "linear":
         inv_freq = inv_freq / float(args.rope_scaling["factor"])
@@ -37,7 +37,7 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        positions = torch.arange(args.max_position_embeddings, dtype=torch.float32)
+        positions = torch.arange(args.max_position_embeddings, dtype=torch.float32, device="cpu")
         freqs = torch.outer(positions, inv_frequencies(args))        # [P, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)                      # [P, D]
         self.register_buffer("cos", emb.cos(), persistent=False)
