@@ -282,6 +282,17 @@ class HandoffMixin:
     def weights_report(self) -> dict:
         return dict(self.weights)
 
+    def touch_weights(self) -> float:
+        """Touch every page of the weights once (as a first forward pass does); returns the
+        seconds. A lazily read checkpoint pays its disk reads here, mapped weights their page
+        faults (none when `map_weights` pre-faulted them)."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for p in self.engine.model.parameters():
+                flat = p.detach().reshape(-1)
+                flat[:: max(1, 4096 // flat.element_size())].sum()   # one element per page
+        return time.perf_counter() - t0
+
 
 def _state_of(seq: Sequence) -> dict:
     now = time.perf_counter()
