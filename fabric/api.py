@@ -101,8 +101,8 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
     manager = ray.remote(ElasticManager).options(
         name=_manager_name(name), namespace=NAMESPACE, lifetime=lifetime, num_cpus=0,
         max_concurrency=64, max_restarts=-1, max_task_retries=-1,   # restarts recover the set
-        scheduling_strategy=NodeAffinitySchedulingStrategy(      # beside the driver if it can
-            ray.get_runtime_context().get_node_id(), soft=True),
+        scheduling_strategy=NodeAffinitySchedulingStrategy(      # beside the driver (fate-shared)
+            ray.get_runtime_context().get_node_id(), soft=False),
     ).remote(cfg.to_dict(), name, NAMESPACE, ctrl_name, detached)
     try:
         members = ray.get(manager.start.remote(cfg.initial_replicas))

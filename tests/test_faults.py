@@ -113,7 +113,7 @@ def test_dead_instance_is_replaced(cluster):
     fab = start(c)
     (ref,) = fab.generate([PROMPT], max_new_tokens=10, ignore_eos=True)
     victim_stats = fab.stats()["instances"][1]
-    victim = next(n for n in nodes if n.node_id == victim_stats["node"])
+    victim = next(n for n in c.list_all_nodes() if n.node_id == victim_stats["node"])
     c.remove_node(victim)
     assert wait_for(lambda: ray.get(fab.controller.stats.remote())["replaced"] == 1, 90)
     stats = fab.stats()
