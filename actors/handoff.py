@@ -2,7 +2,8 @@
 
 A leaving instance (`drain`) stops lending and admitting, exports each of its requests (tokens,
 sampling state, timings, and the KV of every computed token, its own blocks and those it
-borrowed) and a remaining instance `adopt`s it: it writes the KV into free blocks of its own and
+borrowed, read from its creditors over the data plane), sends the KV to a remaining instance
+over the data plane, and that instance `adopt`s the request: it writes the KV into free blocks of its own and
 continues the request from where it was. Only when the target has no room for the KV is the
 request recomputed from its tokens (same tokens for greedy and seeded sampling). The leaving
 instance keeps the caller's request open and forwards what the new home produces, so every
@@ -115,20 +116,43 @@ class HandoffMixin:
             if owner == self.id:
                 bk, bv = kv.read_blocks(ids)
             else:
-                bk, bv = ray.get(self.peers[owner].read_lent.remote(self.id, ids))
+                bk, bv = self._read_lent_from(owner, ids)
             k[:, positions], v[:, positions] = bk.cpu(), bv.cpu()
         return state, k, v
+
+    def _read_lent_from(self, creditor: int, ids: list[int]):
+        """Blocks `creditor` holds for this instance, over the data plane."""
+        _, (k, v) = self.transport.call(creditor, {"op": "kv_read"}, [torch.tensor(ids)])
+        return k, v
+
+    def serve_kv(self, src: int, meta: dict, tensors: list):
+        """Data-plane side of a handoff: `kv_read` returns blocks lent to `src`; `kv_stage`
+        keeps a request's KV until `src` asks this instance to `adopt` the request."""
+        if meta["op"] == "kv_read":
+            ids = tensors[0].tolist()
+            if not self.engine.rm.holds_for(src, ids):
+                raise ValueError(f"instance {src} asked for blocks it did not borrow here")
+            k, v = self.engine.kv.read_blocks(ids)
+            return {}, [k, v]
+        k, v = tensors
+        self.__dict__.setdefault("staged_kv", {})[str(meta["req"])] = (k, v)
+        return {}, []
 
     def _pick_target(self, num_blocks: int):
         """The remaining instance with the most free blocks (KV moves rather than recomputes)."""
         free = ray.get([h.load_report.remote() for _, h in self.handoff_targets])
         best = max(range(len(free)), key=lambda i: (free[i]["free_blocks"] >= num_blocks,
                                                     free[i]["free_blocks"], -i))
-        return self.handoff_targets[best][1]
+        return self.handoff_targets[best]
 
     def _handoff(self, state: dict, k, v, w) -> dict:
-        target = self._pick_target(0 if k is None else k.shape[1])
-        gen = target.adopt.options(num_returns="streaming").remote(state, k, v)
+        """Send the KV over the data plane, then have the target adopt the request (a Ray call:
+        a streaming generator that carries its tokens back)."""
+        rank, target = self._pick_target(0 if k is None else k.shape[1])
+        if k is not None:
+            self.transport.call(rank, {"op": "kv_stage", "req": state["id"]}, [k, v])
+            state = state | {"staged": True}
+        gen = target.adopt.options(num_returns="streaming").remote(state, None, None)
         info = ray.get(next(gen))
         if w is not None:
             self.num_forwarding += 1
@@ -186,6 +210,8 @@ class HandoffMixin:
         yield w.slot
 
     def _adopt(self, state: dict, k, v, w) -> dict:
+        if state.get("staged"):
+            k, v = self.__dict__.get("staged_kv", {}).pop(state["id"], (None, None))
         seq = _sequence_of(state)
         with self.lock:
             if seq.num_computed == 0:
@@ -209,14 +235,6 @@ class HandoffMixin:
         return {"moved_blocks": nb if moved else 0, "recomputed": not moved and nb > 0}
 
     # ---- creditors and debtors -------------------------------------------------------------
-    def read_lent(self, debtor: int, ids: list[int]):
-        """Copies of blocks lent to `debtor` (it is moving them elsewhere)."""
-        with self.lock:
-            if not self.engine.rm.holds_for(debtor, ids):
-                raise ValueError(f"instance {debtor} asked for blocks it did not borrow here")
-            k, v = self.engine.kv.read_blocks(ids)
-        return k.cpu(), v.cpu()
-
     def relocate_from(self, creditor: int) -> dict:
         """`creditor` is leaving: copy every block of ours it holds into free blocks here (a
         request that does not fit is recomputed later) and give its blocks back. Returns the
@@ -238,7 +256,7 @@ class HandoffMixin:
                         preempted += 1
                         continue
                     old = [table[i].block for i in pos]
-                    k, v = ray.get(self.peers[creditor].read_lent.remote(self.id, old))
+                    k, v = self._read_lent_from(creditor, old)
                     new = rm.pool.allocate(len(pos))
                     self.engine.kv.write_blocks(new, k, v)
                     for i, b in zip(pos, new):

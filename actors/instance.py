@@ -430,7 +430,10 @@ class InstanceActor(HandoffMixin, TransportHost):
         self._tell_controller("heartbeat", self.heartbeat())
 
     def serve_transport(self, src: int, meta: dict, tensors: list[torch.Tensor]):
-        """A debtor's attention micro-task over blocks this instance holds for it."""
+        """A debtor's attention micro-task over blocks this instance holds for it; or, when
+        replicas leave, KV blocks moving between instances (see actors/handoff.py)."""
+        if meta.get("op") in ("kv_read", "kv_stage"):
+            return self.serve_kv(src, meta, tensors)
         if meta.get("op") != "attn":
             raise ValueError(f"unknown op {meta.get('op')!r}")
         t0 = time.perf_counter()
