@@ -46,6 +46,8 @@ class ControllerActor:
         with self.lock:
             self.num_calls["heartbeat"] += 1
             beat = Heartbeat.from_dict(hb)
+            if beat.instance_id >= len(self.instance_names):
+                return                        # a replica that has left (scale-down): not ours
             self.ledger.update(beat)
             self.last_beat[beat.instance_id] = time.monotonic()
 
@@ -93,7 +95,8 @@ class ControllerActor:
             now = time.monotonic()
             with self.lock:
                 silent = [i for i, t in self.last_beat.items()
-                          if i not in self.dead and now - t > SILENT_BEATS * self.heartbeat_s]
+                          if i not in self.dead and i < len(self.instance_names)
+                          and now - t > SILENT_BEATS * self.heartbeat_s]
             for i in silent:
                 if not self._answers(i):
                     self.remove_instance(i)

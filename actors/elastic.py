@@ -46,8 +46,7 @@ class ElasticManager:
         self.controller = ray.get_actor(controller_name, namespace=namespace)
         self.stores: dict[str, object] = {}          # node id -> WeightStore actor
         self.store_costs: dict[str, dict] = {}
-        self.node_locks: dict[str, threading.Lock] = {}
-        self.locks_lock = threading.Lock()
+        self.publish_lock = threading.Lock()
         self.scale_lock = threading.Lock()           # one scale event at a time
         self.names: list[str] = []                    # rank -> actor name
         self.handles: list = []
@@ -96,9 +95,7 @@ class ElasticManager:
     def weights_for(self, node_id: str) -> tuple[dict, dict]:
         """The node's published weights for a replica starting there, and what publishing cost
         (charged once, to the first replica of the node)."""
-        with self.locks_lock:
-            lock = self.node_locks.setdefault(node_id, threading.Lock())
-        with lock:
+        with self.publish_lock:          # one node publishes at a time: later ones copy
             if node_id in self.stores:
                 try:
                     return ray.get(self.stores[node_id].manifest.remote(), timeout=60), \
@@ -235,15 +232,19 @@ class ElasticManager:
             raise FabricError(f"replicas must be an integer >= 1, got {replicas!r}")
         with self.scale_lock:
             self._refresh_handles()
-            current = len(self.names)
-            if replicas == current:
-                return {}
-            event = self._scale_up(replicas) if replicas > current else self._scale_down(replicas)
-            event["reason"] = reason
-            self.events.append(event)
-            if self.policy is not None and reason == "manual":
+            event = self._scale_locked(replicas, reason)
+            if self.policy is not None:
                 self.policy.reset()
             return event
+
+    def _scale_locked(self, replicas: int, reason: str) -> dict:
+        current = len(self.names)
+        if replicas == current:
+            return {}
+        event = self._scale_up(replicas) if replicas > current else self._scale_down(replicas)
+        event["reason"] = reason
+        self.events.append(event)
+        return event
 
     def _scale_up(self, target: int) -> dict:
         t0 = time.perf_counter()
@@ -251,11 +252,17 @@ class ElasticManager:
         names = [f"kvfabric-{self.fabric_name}-instance-{i}.{next(self._serial)}"
                  for i in range(current, target)]
         new = self._launch(current, names)
-        self._wait_ready(new)                       # the others serve meanwhile
-        t_ready = time.perf_counter()
-        handles = self.handles + new
-        ray.get(self.controller.set_members.remote(self.names + names))
-        pause_s = self._connect(handles, ["reconnect"] * current + ["connect"] * len(new))
+        try:
+            self._wait_ready(new)                   # the others serve meanwhile
+            t_ready = time.perf_counter()
+            handles = self.handles + new
+            ray.get(self.controller.set_members.remote(self.names + names))
+            pause_s = self._connect(handles, ["reconnect"] * current + ["connect"] * len(new))
+        except Exception:              # nothing switched to the new ranks: forget them
+            for h in new:
+                ray.kill(h)
+            ray.get(self.controller.set_members.remote(self.names))
+            raise
         self._close_old_planes()
         self._publish(self.names + names, handles)        # traffic switches here
         costs = ray.get([h.weights_report.remote() for h in new])
@@ -318,13 +325,13 @@ class ElasticManager:
         """Kill retired replicas once they have forwarded every handed-off result."""
         deadline = time.monotonic() + RETIRE_TIMEOUT_S
         for h in leaving:
-            while time.monotonic() < deadline:
+            idle_checks = 0
+            while time.monotonic() < deadline and idle_checks < 3:   # idle for ~1.5 s in a row
                 try:
-                    if ray.get(h.forwarding.remote(), timeout=10) == 0:
-                        break
+                    idle_checks = idle_checks + 1 if ray.get(h.forwarding.remote(), timeout=10) == 0 else 0
                 except Exception:
                     break
-                time.sleep(0.1)
+                time.sleep(0.5)
             try:
                 ray.kill(h)
             except Exception:
@@ -370,19 +377,25 @@ class ElasticManager:
 
     # ---- policy --------------------------------------------------------------------------
     def _policy_loop(self) -> None:
+        """Decide and scale under the scale lock, on the replica set as it is now: a manual
+        scale in progress makes the policy skip its tick (and resets its timers)."""
         while not self.stopped:
             time.sleep(self.cfg.autoscale.interval_s)
+            if not self.scale_lock.acquire(blocking=False):
+                continue
             try:
                 self._refresh_handles()
                 reports = ray.get([h.load_report.remote() for h in self.handles], timeout=30)
-                loads = [ReplicaLoad(float(r["ongoing"]), r["kv_utilization"], r["ttft_p90_s"])
-                         for r in reports]
+                loads = [ReplicaLoad(float(max(0, r["ongoing"])), r["kv_utilization"],
+                                     r["ttft_p90_s"]) for r in reports]
                 d = self.policy.decide(len(reports), loads)
                 self.last_decision = {"replicas": d.replicas, "wanted": d.wanted, "reason": d.reason}
                 if d.replicas != len(self.names):
-                    self.scale(d.replicas, reason=f"policy: {d.reason}")
+                    self._scale_locked(d.replicas, reason=f"policy: {d.reason}")
             except Exception as e:       # a failed scale is retried at the next decision
                 self.last_decision = {"error": repr(e)}
+            finally:
+                self.scale_lock.release()
 
     # ---- observation ---------------------------------------------------------------------
     def stats(self) -> dict:

@@ -35,25 +35,21 @@ class HandoffMixin:
         blocks back, and have debtors move blocks lent to them off this instance."""
         t0 = time.perf_counter()
         self.handoff_targets = list(targets)
-        self.draining = True
+        with self.inbox_lock:                       # from now on _enqueue hands requests on
+            self.draining = True
         self._beat_now()                            # lend_cap 0: the ledger proposes it no more
-        self.pause()
+        if not self.pause():
+            raise FabricError(f"instance {self.id} did not stop stepping: drain called off")
         report = {"moved": 0, "recomputed": 0, "fresh": 0, "kv_blocks_moved": 0,
                   "kv_bytes_moved": 0, "lent_blocks_relocated": 0, "lent_blocks_returned": 0,
                   "debtor_requests_recomputed": 0}
-        while True:                                 # never admitted: new requests elsewhere
-            try:
-                req_id, prompt, params = self.inbox.get_nowait()
-            except queue.Empty:
-                break
-            w = self.waiters.get(req_id)
-            if w is not None and req_id not in self.cancelled:
-                self._handoff(_fresh_state(req_id, prompt, params), None, None, w)
-                report["fresh"] += 1
+        report["fresh"] += self._hand_on_inbox()
         with self.lock:
             sched = self.engine.scheduler
             exports = [(seq, *self._export(seq)) for seq in [*sched.running, *sched.waiting]]
         for seq, state, k, v in exports:
+            if seq.req_id not in self.engine.seqs:      # aborted meanwhile
+                continue
             w = self.waiters.get(seq.req_id)
             info = self._handoff(state, k, v, w)
             with self.lock:
@@ -63,6 +59,7 @@ class HandoffMixin:
                    else "fresh"] += 1
             report["kv_blocks_moved"] += info["moved_blocks"]
             report["kv_bytes_moved"] += info["moved_blocks"] * self.engine.kv.bytes_per_block
+        report["fresh"] += self._hand_on_inbox()        # raced in before `draining` was seen
         with self.lock:
             self.engine.rm.release_spares(keep=0)
             debtors = list(self.engine.rm.debtors())
@@ -77,9 +74,30 @@ class HandoffMixin:
         report["seconds"] = time.perf_counter() - t0
         return report
 
+    def _hand_on_inbox(self) -> int:
+        """Requests never admitted here go to a remaining instance as new ones. On a failure the
+        request goes back to the inbox (the drain is then called off and this one serves it)."""
+        n = 0
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return n
+            req_id, prompt, params = item
+            w = self.waiters.get(req_id)
+            if w is None or req_id in self.cancelled:
+                continue
+            try:
+                self._handoff(_fresh_state(req_id, prompt, params), None, None, w)
+            except Exception:
+                self.inbox.put(item)
+                raise
+            n += 1
+
     def cancel_drain(self) -> None:
         """A scale-down was called off: serve (and lend) again."""
-        self.draining = False
+        with self.inbox_lock:
+            self.draining = False
         self.resume()
 
     def retire(self) -> dict:
@@ -95,7 +113,8 @@ class HandoffMixin:
         return {"requests_left": left, "forwarding": self.num_forwarding}
 
     def forwarding(self) -> int:
-        return self.num_forwarding
+        """Requests whose caller still waits here (handed on or being handed on)."""
+        return len(self.waiters)
 
     def _export(self, seq: Sequence):
         """A request's state and the KV of its computed tokens ([L, n, bs, H_kv, D] each, in
@@ -154,8 +173,10 @@ class HandoffMixin:
             state = state | {"staged": True}
         gen = target.adopt.options(num_returns="streaming").remote(state, None, None)
         info = ray.get(next(gen))
+        self.handed_to[state["id"]] = target
         if w is not None:
-            self.num_forwarding += 1
+            with self.count_lock:
+                self.num_forwarding += 1
             threading.Thread(target=self._forward, args=(state["id"], w, gen), daemon=True,
                              name=f"forward-{state['id']}").start()
         return info
@@ -176,7 +197,9 @@ class HandoffMixin:
                    error_type="FabricError")
         finally:
             self.waiters.pop(req_id, None)
-            self.num_forwarding -= 1
+            self.handed_to.pop(req_id, None)
+            with self.count_lock:
+                self.num_forwarding -= 1
 
     def _forward_fresh(self, r: dict, w):
         """A request that reached this instance after it started leaving: run it elsewhere."""
@@ -212,6 +235,8 @@ class HandoffMixin:
     def _adopt(self, state: dict, k, v, w) -> dict:
         if state.get("staged"):
             k, v = self.__dict__.get("staged_kv", {}).pop(state["id"], (None, None))
+        if self.draining or self.stopped:
+            raise FabricError(f"instance {self.id} is leaving: it adopts no request")
         seq = _sequence_of(state)
         with self.lock:
             if seq.num_computed == 0:
@@ -282,7 +307,7 @@ class HandoffMixin:
         with self.lock:
             rm = self.engine.rm
             largest = max((rm.blocks_for(s.max_tokens) for s in self.engine.seqs.values()), default=0)
-            return {"id": self.id, "ongoing": len(self.waiters) - self.num_forwarding,
+            return {"id": self.id, "ongoing": max(0, len(self.waiters) - self.num_forwarding),
                     "kv_utilization": 1.0 - rm.num_free / rm.num_blocks,
                     "free_blocks": rm.num_free,
                     "ttft_p90_s": recent[int(0.9 * (len(recent) - 1))] if recent else None,

@@ -56,6 +56,9 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.parked = threading.Event()       # the engine loop saw `paused` and is between steps
         self.draining = False                 # leaving the fabric: lends nothing, admits nothing
         self.handoff_targets: list = []
+        self.handed_to: dict = {}             # request id -> the instance it was handed to
+        self.inbox_lock = threading.Lock()    # `draining` and the inbox change together
+        self.count_lock = threading.Lock()
         self.num_forwarding = 0
         self.recent_ttft: list[tuple[float, float]] = []
         self.num_recoveries = 0
@@ -192,7 +195,11 @@ class InstanceActor(HandoffMixin, TransportHost):
         yield w.slot
 
     def abort(self, req_id: str) -> bool:
-        """Cancel a request: its blocks, local and borrowed, are freed at once."""
+        """Cancel a request: its blocks, local and borrowed, are freed at once. A request handed
+        to another instance (this one is leaving) is cancelled there."""
+        target = self.handed_to.get(req_id)
+        if target is not None:
+            return ray.get(target.abort.remote(req_id))
         with self.lock:
             seq = self.engine.seqs.get(req_id)
             if seq is None:
@@ -210,8 +217,12 @@ class InstanceActor(HandoffMixin, TransportHost):
 
     def _enqueue(self, r: dict, stream: bool) -> "_Waiter":
         w = _Waiter(stream)
-        if self.draining:                      # routed here just before this replica left
-            return self._forward_fresh(r, w)
+        with self.inbox_lock:
+            if not self.draining:
+                return self._enqueue_here(r, w)
+        return self._forward_fresh(r, w)       # routed here just before this replica left
+
+    def _enqueue_here(self, r: dict, w: "_Waiter") -> "_Waiter":
         try:
             params = SamplingParams(r.get("max_new_tokens", 16), r.get("temperature", 0.0),
                                     r.get("seed"), r.get("ignore_eos", False))
@@ -226,6 +237,8 @@ class InstanceActor(HandoffMixin, TransportHost):
 
     def pause(self, timeout_s: float = 30.0) -> bool:
         """Stop stepping (between two steps) until `reconnect` or `resume`; True once parked."""
+        if not self.paused.is_set():
+            self.parked.clear()                 # a stale "parked" must not answer for this pause
         self.paused.set()
         self.wake.set()
         return self.parked.wait(timeout_s)
@@ -380,6 +393,10 @@ class InstanceActor(HandoffMixin, TransportHost):
             if not grants:
                 break
             for creditor, k in grants:
+                if creditor >= len(self.peers):     # joining: not on this data plane yet
+                    self.controller.settle.remote(self.id, creditor, 0, k)
+                    exclude.append(creditor)
+                    continue
                 ids = ray.get(self.peers[creditor].lend.remote(self.id, k))
                 self.controller.settle.remote(self.id, creditor, len(ids), k - len(ids))
                 if len(ids) < k:

@@ -214,6 +214,7 @@ class Fabric:
         if not isinstance(requests, (list, tuple)):
             raise RequestError(f"requests must be a list of request mappings, got "
                                f"{type(requests).__name__}")
+        self._sync_members()              # admission against the current replica set
         checked: list[dict | Result] = []
         seen: set[str] = set()
         for i, r in enumerate(requests):

@@ -174,13 +174,13 @@ def test_mixtral_checkpoint_scales_without_reading_disk(local_ray, tmp_path):
         start = fab.stats()["elastic"]["start"]
         assert start["bytes_loaded_from_disk"] == size            # read once, by the node's store
         batches = [prompts(2, seed) for seed in range(20, 24)]
-        reference = [[r.tokens for r in fab.generate(b, max_new_tokens=60, ignore_eos=True)]
+        reference = [[r.tokens for r in fab.generate(b, max_new_tokens=100, ignore_eos=True)]
                      for b in batches]
-        up, down, got = scale_while_serving(fab, batches, 60)
+        up, down, got = scale_while_serving(fab, batches, 100)
         assert got == reference
         assert up["bytes_loaded_from_disk"] == 0 and up["bytes_copied"] == 0
         assert up["bytes_mapped"] == 2 * start["bytes_mapped"] and up["weights_shared"]
-        assert down["requests_moved"] + down["requests_recomputed"] >= 1
+        assert down["requests_moved"] + down["requests_recomputed"] + down["requests_requeued"] >= 1
     finally:
         fab.shutdown()
 
