@@ -124,14 +124,14 @@ def connect(name: str, *, address: str | None = None) -> "Fabric":
     if not ray.is_initialized():
         _init_ray(address or "auto", None)
     ctrl_name, _ = _actor_names(name, 0)
-    try:
+    try:       # a fabric being stopped may still show some of its actors: all must answer
         controller = ray.get_actor(ctrl_name, namespace=NAMESPACE)
-    except ValueError:
+        cfg = load_config(ray.get(controller.config.remote(), timeout=60))
+        manager = ray.get_actor(_manager_name(name), namespace=NAMESPACE)
+        members = ray.get(manager.members.remote(), timeout=60)
+        instances = [ray.get_actor(n, namespace=NAMESPACE) for n in members["names"]]
+    except (ValueError, ray.exceptions.RayActorError):
         raise FabricError(f"no fabric named {name!r} is running") from None
-    cfg = load_config(ray.get(controller.config.remote()))
-    manager = ray.get_actor(_manager_name(name), namespace=NAMESPACE)
-    members = ray.get(manager.members.remote())
-    instances = [ray.get_actor(n, namespace=NAMESPACE) for n in members["names"]]
     return Fabric(name, cfg, controller, instances, False, manager, members)
 
 
