@@ -132,6 +132,7 @@ def run_demo(args) -> int:
         seconds = time.perf_counter() - t0
         long_res, short_res = out["long"], out["short"]
         stats["lending"] = fab.stats()["lending"]
+        events = _elastic_demo(fab, short)
     total = len(long_prompt) + args.max_new_tokens
     generated = len(long_res.tokens) + sum(len(r.tokens) for r in short_res)
     print(f"\nlong request: {len(long_prompt)} prompt + {len(long_res.tokens)} new = {total} tokens "
@@ -145,7 +146,33 @@ def run_demo(args) -> int:
           f"blocks borrowed: {stats['lending']['blocks_borrowed_total']}")
     print(f"throughput: {generated / seconds:.1f} tokens/s ({generated} tokens in {seconds:.2f} s)")
     _single_instance(cfg, long_prompt, args.max_new_tokens)
+    print("\nelastic scaling while requests ran (weights mapped from the node's object store):")
+    for e in events:
+        print(f"  {e['from']} -> {e['to']} replicas in {e['seconds']:.2f} s: "
+              f"mapped {e['bytes_mapped'] / 1e6:.1f} MB, copied {e['bytes_copied'] / 1e6:.1f} MB, "
+              f"read from disk {e['bytes_loaded_from_disk'] / 1e6:.1f} MB"
+              + (f", requests handed over {e['requests_moved'] + e['requests_recomputed']}"
+                 if e["kind"] == "down" else ""))
     return 0
+
+
+def _elastic_demo(fab, prompts: list[str]) -> list[dict]:
+    """Scale up by one replica, then back, each while requests run; the tokens stay the same."""
+    before = [r.tokens for r in fab.generate(prompts, max_new_tokens=96, ignore_eos=True)]
+    n = len(fab.instances)
+    events, same = [], True
+    for target in (n + 1, n):
+        out: dict = {}
+        worker = threading.Thread(target=lambda: out.update(during=fab.generate(
+            prompts * 2, max_new_tokens=96, ignore_eos=True)))
+        worker.start()
+        time.sleep(0.1)
+        events.append(fab.scale(target))
+        worker.join()
+        same = same and [r.tokens for r in out["during"]] == before * 2
+    print(f"\nrequests served while scaling {n} -> {n + 1} -> {n}: "
+          f"{'same tokens as without scaling' if same else 'TOKENS DIFFER'}")
+    return events
 
 
 def _busiest_stats(fab, workers) -> dict:
