@@ -150,7 +150,8 @@ class InstanceActor(HandoffMixin, TransportHost):
                 self.engine.remote = TransportPartials(self.transport)
                 self.dead_peers.clear()
         finally:
-            self.paused.clear()
+            if not self.draining:             # a leaving replica stays parked
+                self.paused.clear()
             self.wake.set()
         return True
 

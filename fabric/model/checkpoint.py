@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import threading
 
 import torch
 
@@ -34,19 +35,23 @@ def load_model(preset: str | None = "tiny-llama", path: str | None = None, dtype
     return build_model(args, state, dtype, device)
 
 
+_NO_INIT_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _no_init():
     """Skip parameter initialisation while building on the meta device: every tensor is
     replaced by the checkpoint's, and initialising meta tensors goes through torch's reference
     kernels, whose first use imports torch._dynamo (about a second in a fresh process)."""
-    saved = [(cls, cls.reset_parameters) for cls in (torch.nn.Linear, torch.nn.Embedding)]
-    for cls, _ in saved:
-        cls.reset_parameters = lambda self: None
-    try:
-        yield
-    finally:
-        for cls, fn in saved:
-            cls.reset_parameters = fn
+    with _NO_INIT_LOCK:                 # the patch is process-wide: one builder at a time
+        saved = [(cls, cls.reset_parameters) for cls in (torch.nn.Linear, torch.nn.Embedding)]
+        for cls, _ in saved:
+            cls.reset_parameters = lambda self: None
+        try:
+            yield
+        finally:
+            for cls, fn in saved:
+                cls.reset_parameters = fn
 
 
 def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: str = "float32",
