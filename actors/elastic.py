@@ -54,7 +54,6 @@ class ElasticManager:
         self.events: list[dict] = []
         self.start_event: dict | None = None
         self.placement: dict = {}
-        self.expert_bytes = {"planner": 0, "naive": 0}    # moved over all events so far
         self.placement_report: dict = {}
         self.resources_requested = 0       # replicas' worth of resources asked of the autoscaler
         self.last_decision: dict | None = None
@@ -370,8 +369,6 @@ class ElasticManager:
                             sizes) if old else 0
         self.placement_report = {"devices": devices, "bytes_moved": moved,
                                  "naive_bytes_moved": naive}
-        self.expert_bytes = {"planner": self.expert_bytes["planner"] + moved,
-                             "naive": self.expert_bytes["naive"] + naive}
         self.placement = new
         return moved
 
@@ -404,7 +401,9 @@ class ElasticManager:
                 "policy": self.last_decision if self.policy is not None else None,
                 "placement": {f"{l}.{e}": d for (l, e), d in sorted(self.placement.items())},
                 "placement_report": self.placement_report,
-                "expert_bytes_moved": dict(self.expert_bytes),
+                "expert_bytes_moved": {     # over all events so far
+                    "planner": sum(e["expert_bytes_moved"] for e in self.events),
+                    "naive": sum(e["naive_expert_bytes_moved"] for e in self.events)},
                 "resources_requested": self.resources_requested,
                 "weight_stores": {n: c for n, c in self.store_costs.items()}}
 

@@ -34,7 +34,7 @@ class HandoffMixin:
         """Leave the fabric: hand every request to `targets` ([(id, handle)]), give borrowed
         blocks back, and have debtors move blocks lent to them off this instance."""
         t0 = time.perf_counter()
-        self.handoff_targets = list(targets)
+        self.handoff_targets, self.target_free = list(targets), []
         with self.inbox_lock:                       # from now on _enqueue hands requests on
             self.draining = True
         self._beat_now()                            # lend_cap 0: the ledger proposes it no more
@@ -110,7 +110,7 @@ class HandoffMixin:
             self.engine.model = None
             self.engine.kv = None
         gc.collect()
-        return {"requests_left": left, "forwarding": self.num_forwarding}
+        return {"requests_left": left, "forwarding": len(self.handed_to)}
 
     def forwarding(self) -> int:
         """Requests whose caller still waits here (handed on or being handed on)."""
@@ -157,26 +157,28 @@ class HandoffMixin:
         self.__dict__.setdefault("staged_kv", {})[str(meta["req"])] = (k, v)
         return {}, []
 
-    def _pick_target(self, num_blocks: int):
-        """The remaining instance with the most free blocks (KV moves rather than recomputes)."""
-        free = ray.get([h.load_report.remote() for _, h in self.handoff_targets])
-        best = max(range(len(free)), key=lambda i: (free[i]["free_blocks"] >= num_blocks,
-                                                    free[i]["free_blocks"], -i))
-        return self.handoff_targets[best]
+    def _pick_target(self, num_blocks: int) -> int:
+        """The remaining instance with the most free blocks (KV moves rather than recomputes).
+        Their free blocks are asked once per drain, then counted down as requests move."""
+        if not self.target_free:
+            reports = ray.get([h.load_report.remote() for _, h in self.handoff_targets])
+            self.target_free = [r["free_blocks"] for r in reports]
+        free = self.target_free
+        return max(range(len(free)), key=lambda i: (free[i] >= num_blocks, free[i], -i))
 
     def _handoff(self, state: dict, k, v, w) -> dict:
         """Send the KV over the data plane, then have the target adopt the request (a Ray call:
         a streaming generator that carries its tokens back)."""
-        rank, target = self._pick_target(0 if k is None else k.shape[1])
+        i = self._pick_target(0 if k is None else k.shape[1])
+        rank, target = self.handoff_targets[i]
         if k is not None:
             self.transport.call(rank, {"op": "kv_stage", "req": state["id"]}, [k, v])
             state = state | {"staged": True}
         gen = target.adopt.options(num_returns="streaming").remote(state, None, None)
         info = ray.get(next(gen))
-        self.handed_to[state["id"]] = target
+        self.target_free[i] -= info["moved_blocks"]
         if w is not None:
-            with self.count_lock:
-                self.num_forwarding += 1
+            self.handed_to[state["id"]] = target      # forwarding until its result is passed on
             threading.Thread(target=self._forward, args=(state["id"], w, gen), daemon=True,
                              name=f"forward-{state['id']}").start()
         return info
@@ -198,8 +200,6 @@ class HandoffMixin:
         finally:
             self.waiters.pop(req_id, None)
             self.handed_to.pop(req_id, None)
-            with self.count_lock:
-                self.num_forwarding -= 1
 
     def _forward_fresh(self, r: dict, w):
         """A request that reached this instance after it started leaving: run it elsewhere."""
@@ -307,7 +307,7 @@ class HandoffMixin:
         with self.lock:
             rm = self.engine.rm
             largest = max((rm.blocks_for(s.max_tokens) for s in self.engine.seqs.values()), default=0)
-            return {"id": self.id, "ongoing": max(0, len(self.waiters) - self.num_forwarding),
+            return {"id": self.id, "ongoing": max(0, len(self.waiters) - len(self.handed_to)),
                     "kv_utilization": 1.0 - rm.num_free / rm.num_blocks,
                     "free_blocks": rm.num_free,
                     "ttft_p90_s": recent[int(0.9 * (len(recent) - 1))] if recent else None,

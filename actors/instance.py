@@ -57,9 +57,8 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.draining = False                 # leaving the fabric: lends nothing, admits nothing
         self.handoff_targets: list = []
         self.handed_to: dict = {}             # request id -> the instance it was handed to
+        self.target_free: list[int] = []      # free blocks of the handoff targets, this drain
         self.inbox_lock = threading.Lock()    # `draining` and the inbox change together
-        self.count_lock = threading.Lock()
-        self.num_forwarding = 0
         self.recent_ttft: list[tuple[float, float]] = []
         self.num_recoveries = 0
         self.wake = threading.Event()
@@ -99,8 +98,10 @@ class InstanceActor(HandoffMixin, TransportHost):
                             "build_s": t_build - t_map}
         else:
             model = load_model(m.preset, m.path, m.dtype, m.seed, device)
+            from autoscale.weights import checkpoint_bytes
+
             self.weights = {"bytes_mapped": 0, "bytes_copied": 0,
-                            "bytes_loaded_from_disk": _checkpoint_bytes(m.path)}
+                            "bytes_loaded_from_disk": checkpoint_bytes(m.path) if m.path else 0}
         lend = self.cfg.lending
         engine = Engine(model, inst.kv_blocks, inst.block_size, instance_id=self.id,
                         max_num_seqs=inst.max_num_seqs, max_batch_tokens=inst.max_batch_tokens,
@@ -524,14 +525,6 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.wake.set()
         if self.transport is not None:
             self.transport.close()
-
-
-def _checkpoint_bytes(path: str | None) -> int:
-    if path is None:
-        return 0
-    from autoscale.weights import checkpoint_bytes
-
-    return checkpoint_bytes(path)
 
 
 class _Waiter:

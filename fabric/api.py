@@ -139,13 +139,13 @@ class Fabric:
     """A running fabric: a controller, an elastic manager and the instance (replica) actors."""
 
     def __init__(self, name: str, cfg: FabricConfig, controller, instances: list, owns_ray: bool,
-                 manager=None, members: dict | None = None):
+                 manager, members: dict):
         import ray
 
         self.name, self.cfg, self.controller, self.instances = name, cfg, controller, instances
         self.manager = manager
-        self.names: list[str] = list(members["names"]) if members else []
-        self.epoch = members["epoch"] if members else 0
+        self.names: list[str] = list(members["names"])
+        self.epoch = members["epoch"]
         self._owns_ray = owns_ray
         self.infos = ray.get([a.info.remote() for a in instances])
         info = self.infos[0]
@@ -179,8 +179,6 @@ class Fabric:
         """Follow the elastic manager's replica set (one control call; nothing per token)."""
         import ray
 
-        if self.manager is None:
-            return
         members = ray.get(self.manager.members.remote())
         if members["epoch"] == self.epoch:
             return
@@ -269,9 +267,7 @@ class Fabric:
         from ray.exceptions import RayActorError
 
         done: dict[str, dict] = {}
-        todo = reqs
-        if todo:
-            self._sync_members()
+        todo = reqs                                # members synced by `submit`
         while todo:
             instances = self.instances             # one snapshot: scaling may swap the list
             groups: dict[int, list[dict]] = {}
@@ -297,9 +293,7 @@ class Fabric:
         import ray
 
         try:
-            name = self.names[i] if i < len(self.names) else \
-                _actor_names(self.name, len(self.instances))[1][i]
-            named = ray.get_actor(name, namespace=NAMESPACE)
+            named = ray.get_actor(self.names[i], namespace=NAMESPACE)
             if named._actor_id == self.instances[i]._actor_id:
                 return False
             ray.get(named.info.remote(), timeout=10)
@@ -414,8 +408,7 @@ class Fabric:
         # the instances own the borrow counters (they survive a controller restart)
         lending = {"borrow_events": sum(s["borrow_events"] for s in inst),
                    "blocks_borrowed_total": sum(s["blocks_borrowed_total"] for s in inst)}
-        elastic = ray.get(self.manager.stats.remote()) if self.manager is not None else \
-            {"replicas": len(self.instances), "scale_events": []}
+        elastic = ray.get(self.manager.stats.remote())
         return {"instances": [{k: s[k] for k in keys} | {"detail": s} for s in inst],
                 "lending": lending, "elastic": elastic,
                 "controller": {"calls": ctrl["calls"]}}
@@ -428,8 +421,6 @@ class Fabric:
 
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise RequestError(f"replicas must be an integer >= 1, got {replicas!r}")
-        if self.manager is None:
-            raise FabricError("this fabric has no elastic manager")
         try:
             event = ray.get(self.manager.scale.remote(replicas))
         except ray.exceptions.RayTaskError as e:
@@ -445,11 +436,10 @@ class Fabric:
     def shutdown(self) -> None:
         import ray
 
-        if self.manager is not None:
-            try:
-                ray.get(self.manager.shutdown.remote(), timeout=30)
-            except Exception:
-                pass
+        try:
+            ray.get(self.manager.shutdown.remote(), timeout=30)
+        except Exception:
+            pass
         for a in self.instances:
             try:
                 ray.get(a.shutdown.remote(), timeout=10)
@@ -460,8 +450,7 @@ class Fabric:
             except Exception:
                 pass
         ray.kill(self.controller, no_restart=True)
-        if self.manager is not None:
-            ray.kill(self.manager, no_restart=True)
+        ray.kill(self.manager, no_restart=True)
         self.instances = []
         if self._owns_ray:
             ray.shutdown()

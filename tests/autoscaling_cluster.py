@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ray_head.py
 
-from ray_head import RAY, WORKER_PORTS, free_port
+from ray_head import RAY, free_port, head_command
 
 WORKER_TYPE = "cpu_worker"
 HEAD_TYPE = "ray.head.default"    # the name the fake provider gives the head node type
@@ -167,16 +167,9 @@ def autoscaling_cluster(head_cpus: int = 2, worker_cpus: int = 2, max_workers: i
                                      idle_timeout_minutes), f)
     head_env = {**os.environ, **DRIVER_ENV, "RAY_FAKE_CLUSTER": "1",
                 "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-    cmd = [RAY, "start", "--head", "--autoscaling-config", config_path,
-           "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--ray-client-server-port", str(free_port()), "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dash), "--num-cpus", str(head_cpus), "--num-gpus", "0",
-           "--object-store-memory", str(OBJECT_STORE_BYTES), "--temp-dir", temp,
-           "--min-worker-port", str(WORKER_PORTS[0]), "--max-worker-port", str(WORKER_PORTS[1]),
-           "--disable-usage-stats",
-           "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port",
-           str(free_port()), "--metrics-export-port", str(free_port()),
-           "--runtime-env-agent-port", str(free_port())]
+    cmd = head_command(gcs, free_port(), dash, head_cpus, temp) + [
+        "--autoscaling-config", config_path, "--num-gpus", "0",
+        "--object-store-memory", str(OBJECT_STORE_BYTES)]
     proc = subprocess.Popen(cmd, env=head_env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     old_auth = None

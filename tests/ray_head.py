@@ -22,6 +22,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def head_command(gcs: int, client: int, dash: int, num_cpus: int, temp: str) -> list[str]:
+    """`ray start --head` on 127.0.0.1 with every port chosen here: on a shared machine the
+    defaults (agent 52365...) clash with other clusters."""
+    return [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+            "--ray-client-server-port", str(client), "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(dash), "--num-cpus", str(num_cpus), "--temp-dir", temp,
+            "--min-worker-port", str(WORKER_PORTS[0]), "--max-worker-port", str(WORKER_PORTS[1]),
+            "--disable-usage-stats",
+            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port",
+            str(free_port()), "--metrics-export-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port())]
+
+
 def start_head(num_cpus: int = 4) -> dict | str:
     """Start a head; returns its addresses and driver environment, or the reason it failed."""
     if not os.path.exists(RAY):
@@ -29,15 +42,7 @@ def start_head(num_cpus: int = 4) -> dict | str:
     temp = tempfile.mkdtemp(prefix="kvhead")
     gcs, client, dash = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--ray-client-server-port", str(client), "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dash), "--num-cpus", str(num_cpus), "--temp-dir", temp,
-           "--min-worker-port", str(WORKER_PORTS[0]), "--max-worker-port", str(WORKER_PORTS[1]),
-           "--disable-usage-stats",
-           # every other port free too: on a shared machine the defaults (agent 52365...) clash
-           "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port",
-           str(free_port()), "--metrics-export-port", str(free_port()),
-           "--runtime-env-agent-port", str(free_port())]
+    cmd = head_command(gcs, client, dash, num_cpus, temp)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     head = {"address": f"127.0.0.1:{gcs}", "client": f"ray://127.0.0.1:{client}",
