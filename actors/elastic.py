@@ -1,5 +1,19 @@
 """The elastic manager actor (ElasticMoE on Ray): owns the replica set and scales it.
 
+- Membership: the manager is its only owner (rank -> replica actor, which ranks are dead, who
+  replaces whom). It keeps a record in Ray's GCS key-value store, so that a restarted manager
+  recovers the set. The controller keeps the ledger only; the manager tells it when a rank
+  leaves or is taken by a new replica.
+- Liveness: a replica is *starting* until its constructor returns; while it constructs it
+  reports what it is doing (`report_phase`), and only `instances.startup_timeout_s` (from
+  placement on a node) or `autoscale.scale_timeout_s` (waiting for a node with room) end a
+  start, with a `FabricError` naming the rank, its node and its phase. Once serving, a replica
+  is watched two ways: a `lifeline` call kept open on it fails the moment the actor dies, and a
+  rank whose heartbeats (as the controller saw them; a rank that never beat is not judged) stop
+  for `SILENT_BEATS` periods is pinged. A dead rank leaves the ledger, its lenders take their
+  blocks back, and a replacement is started under the scale lock (serialised with scale
+  events), then joins a data plane built beside the old one.
+
 - Weights: one `WeightStore` per node publishes the model in Ray's object store; replicas map it.
   `weights_for(node)` is what a starting replica calls: the node's copy if there is one, else a
   peer node's copy pulled over (copied), else the checkpoint (loaded: only when no live copy
@@ -22,6 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import logging
 import threading
 import time
 
@@ -33,8 +49,17 @@ from autoscale.weights import WeightStore
 from fabric.config import load_config
 from fabric.errors import FabricError
 
-PLACEMENT_GRACE_S = 3.0    # a new replica not started by then is short of room: ask the autoscaler
+PLACEMENT_GRACE_S = 3.0    # a new replica not placed by then is short of room: ask the autoscaler
 RETIRE_TIMEOUT_S = 600.0   # how long a retired replica may keep forwarding before it is killed
+SILENT_BEATS = 6           # heartbeat periods of silence before a serving replica is pinged
+PING_TIMEOUT_S = 30.0      # a pinged replica that does not answer within this is dead
+LIFELINE_S = 60.0          # each lifeline call returns after this and is renewed
+REPLACE_PLACEMENT_S = 30.0  # a replacement not placed by then: no room now, retried later
+REPLACE_RETRY_S = 30.0     # seconds between two tries to replace a dead replica
+CONTROL_TIMEOUT_S = 60.0   # control calls to replicas and the controller
+SWITCH_TIMEOUT_S = 180.0   # a data-plane rendezvous or switch
+
+log = logging.getLogger(__name__)
 
 
 class ElasticManager:
@@ -50,6 +75,13 @@ class ElasticManager:
         self.scale_lock = threading.Lock()           # one scale event at a time
         self.names: list[str] = []                    # rank -> actor name
         self.handles: list = []
+        self.dead: set[int] = set()                   # ranks found dead, not yet replaced
+        self.num_replaced = 0
+        self.replace_error: str | None = None         # why the last replacement failed
+        self._next_replace = 0.0
+        self.member_lock = threading.Lock()           # names, handles and dead change together
+        self.phases: dict[str, dict] = {}             # starting replica name -> its phase
+        self.phase_lock = threading.Lock()
         self.epoch = 0
         self.events: list[dict] = []
         self.start_event: dict | None = None
@@ -57,19 +89,44 @@ class ElasticManager:
         self.placement_report: dict = {}
         self.resources_requested = 0       # replicas' worth of resources asked of the autoscaler
         self.last_decision: dict | None = None
-        self._serial = itertools.count(1)
+        self._serial = itertools.count(time.time_ns() // 1000 % 10**10)   # unique past restarts
         self.policy = AutoscalePolicy(self.cfg.autoscale) if self.cfg.autoscale.enabled else None
         self.stopped = False
         self._recover()
+        threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
+
+    # ---- the membership record -------------------------------------------------------------
+    def _record_key(self) -> bytes:
+        return f"kvfabric/{self.fabric_name}/members".encode()
+
+    def _save_record(self) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        record = {"names": self.names, "dead": sorted(self.dead), "epoch": self.epoch}
+        _internal_kv_put(self._record_key(), json.dumps(record).encode(), overwrite=True,
+                         namespace=self.namespace)
+
+    def _load_record(self) -> dict | None:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(self._record_key(), namespace=self.namespace)
+        return json.loads(raw) if raw else None
 
     def _recover(self) -> None:
-        """After a restart (its node died), take the replica set from the controller and the
-        weight stores by name; the event history starts over."""
-        names = ray.get(self.controller.members.remote())
-        if not names or not self._actor_exists(names[0]):
+        """After a restart (its node died), take the replica set from the record and the weight
+        stores by name; replicas that are gone count as dead (the watchdog replaces them); the
+        event history starts over."""
+        record = self._load_record()
+        if not record or not record["names"]:
             return
-        self.names = names
-        self.handles = [ray.get_actor(n, namespace=self.namespace) for n in names]
+        self.names, self.dead = list(record["names"]), set(record["dead"])
+        self.handles = []
+        for i, n in enumerate(self.names):
+            try:
+                self.handles.append(ray.get_actor(n, namespace=self.namespace))
+            except ValueError:
+                self.handles.append(None)
+                self.dead.add(i)
         for node in ray.nodes():
             if node["Alive"] and self._actor_exists(self._store_name(node["NodeID"])):
                 self.stores[node["NodeID"]] = ray.get_actor(self._store_name(node["NodeID"]),
@@ -94,6 +151,7 @@ class ElasticManager:
     def weights_for(self, node_id: str) -> tuple[dict, dict]:
         """The node's published weights for a replica starting there, and what publishing cost
         (charged once, to the first replica of the node)."""
+        wait_s = self.cfg.instances.startup_timeout_s      # a checkpoint may take minutes
         with self.publish_lock:          # one node publishes at a time: later ones copy
             if node_id in self.stores:
                 try:
@@ -113,13 +171,13 @@ class ElasticManager:
                 except Exception:            # that peer's node is gone: try the next
                     self.stores.pop(peer_node, None)
                     continue
-                cost = ray.get(store.copy_from.remote(manifest))
+                cost = ray.get(store.copy_from.remote(manifest), timeout=wait_s)
                 break
             if cost is None:
-                cost = ray.get(store.load.remote())
+                cost = ray.get(store.load.remote(), timeout=wait_s)
             self.stores[node_id] = store
             self.store_costs[node_id] = cost
-            return ray.get(store.manifest.remote()), cost
+            return ray.get(store.manifest.remote(), timeout=wait_s), cost
 
     # ---- membership ----------------------------------------------------------------------
     def start(self, count: int) -> dict:
@@ -127,12 +185,11 @@ class ElasticManager:
         t0 = time.perf_counter()
         with self.scale_lock:
             names = [f"kvfabric-{self.fabric_name}-instance-{i}" for i in range(count)]
-            handles = self._launch(0, names)
-            self._wait_ready(handles)
-            ray.get(self.controller.set_members.remote(names))
+            handles = self._launch(list(range(count)), names)
+            self._wait_ready(handles, names)
             self._connect(handles, ["connect"] * count)
             self._publish(names, handles)
-            costs = ray.get([h.weights_report.remote() for h in handles])
+            costs = ray.get([h.weights_report.remote() for h in handles], timeout=CONTROL_TIMEOUT_S)
             self._replan_experts()
             self.start_event = self._event(0, count, t0, costs) | {"kind": "start"}
         if self.policy is not None:
@@ -140,58 +197,95 @@ class ElasticManager:
         return self.members()
 
     def members(self) -> dict:
-        return {"epoch": self.epoch, "names": list(self.names)}
+        """The replica set the driver routes to: names by rank, the epoch it follows, and the
+        ranks found dead (not yet replaced)."""
+        with self.member_lock:
+            return {"epoch": self.epoch, "names": list(self.names), "dead": sorted(self.dead)}
 
     def _publish(self, names: list[str], handles: list) -> None:
         """The replica set the driver routes to (it follows `epoch`)."""
-        self.names, self.handles = list(names), list(handles)
-        self.epoch = time.time_ns()          # unique across manager restarts
+        with self.member_lock:
+            self.names, self.handles = list(names), list(handles)
+            self.dead = {i for i in self.dead if i < len(names)}
+            self.epoch = time.time_ns()          # unique across manager restarts
+            self._save_record()
 
-    def _refresh_handles(self) -> None:
-        """Handles by name: the controller may have replaced a dead replica under its name."""
-        fresh = []
-        for name, old in zip(self.names, self.handles):
-            try:
-                named = ray.get_actor(name, namespace=self.namespace)
-            except ValueError:
-                named = old
-            # keep the creating handle while it names the same actor: dropping the owner's
-            # handle would end a non-detached actor
-            fresh.append(old if named._actor_id == old._actor_id else named)
-        self.handles = fresh
-
-    def _launch(self, first: int, names: list[str]) -> list:
+    def _launch(self, ranks: list[int], names: list[str]) -> list:
         from actors.launch import new_instance
 
-        return [new_instance(self.cfg, first + i, n, self.controller_name, self.namespace,
+        return [new_instance(self.cfg, r, n, self.controller_name, self.namespace,
                              self.fabric_name, self.detached, manager_name=self._own_name())
-                for i, n in enumerate(names)]
+                for r, n in zip(ranks, names)]
 
     def _own_name(self) -> str:
         return f"kvfabric-{self.fabric_name}-elastic"
 
-    def _wait_ready(self, handles: list) -> None:
-        """Wait for new replicas; when the cluster lacks room, ask Ray's autoscaler for it."""
-        refs = [h.info.remote() for h in handles]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PLACEMENT_GRACE_S)
-        if len(ready) < len(refs):
-            a = self.cfg.autoscale
-            if a.request_resources:
-                self._request_resources(len(self.names) + len(handles))
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=a.scale_timeout_s)
-        if len(ready) < len(refs):
+    # ---- start-up ------------------------------------------------------------------------
+    def report_phase(self, name: str, rank: int, phase: str, node: str, ip: str) -> None:
+        """A starting replica says what it is doing (named in a start-up timeout)."""
+        now = time.monotonic()
+        with self.phase_lock:
+            entry = self.phases.setdefault(name, {"rank": rank, "placed_at": now})
+            entry.update(phase=phase, node=node, ip=ip, since=now)
+
+    def _wait_ready(self, handles: list, names: list[str],
+                    placement_timeout_s: float | None = None) -> None:
+        """Wait for new replicas to be constructed. One not placed on a node (no phase reported)
+        within `placement_timeout_s` (default `autoscale.scale_timeout_s`) found no room (Ray's
+        autoscaler is asked for some after PLACEMENT_GRACE_S); one placed has
+        `instances.startup_timeout_s` to finish. Either ends in a `FabricError` naming the rank,
+        its node and what it was doing; every new replica is then killed."""
+        a, inst = self.cfg.autoscale, self.cfg.instances
+        placement_timeout_s = placement_timeout_s or a.scale_timeout_s
+        t0 = time.monotonic()
+        pending = {h.info.remote(): name for h, name in zip(handles, names)}
+        asked = False
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
+                for ref in ready:
+                    pending.pop(ref)
+                    ray.get(ref)                 # a replica whose constructor raised: here
+                now = time.monotonic()
+                for name in pending.values():
+                    with self.phase_lock:
+                        phase = dict(self.phases.get(name) or {})
+                    if not phase:
+                        if not asked and now - t0 > PLACEMENT_GRACE_S and a.request_resources:
+                            self._request_resources(len(self.names) + len(handles))
+                            asked = True
+                        if now - t0 > placement_timeout_s:
+                            raise FabricError(
+                                f"no room in the cluster for replica {name}: not placed on any "
+                                f"node within {placement_timeout_s:g} s (autoscale.scale_timeout_s;"
+                                f" it needs {self._bundle()})")
+                    elif now - phase["placed_at"] > inst.startup_timeout_s:
+                        raise FabricError(
+                            f"replica rank {phase['rank']} ({name}) did not start within "
+                            f"instances.startup_timeout_s = {inst.startup_timeout_s:g} s: on node "
+                            f"{phase['node']} ({phase['ip']}) it has been {phase['phase']} for "
+                            f"{now - phase['since']:.0f} s")
+        except BaseException:
             for h in handles:
-                ray.kill(h)
+                try:
+                    ray.kill(h)
+                except Exception:
+                    pass
             if self.resources_requested > len(self.names):
                 self._request_resources(len(self.names))
-            raise FabricError(f"no room in the cluster for {len(refs) - len(ready)} more "
-                              f"replica(s) within autoscale.scale_timeout_s")
-        ray.get(refs)                     # a replica that failed to start raises here
+            raise
+        finally:
+            with self.phase_lock:
+                for name in names:
+                    self.phases.pop(name, None)
+
+    def _bundle(self) -> dict:
+        inst = self.cfg.instances
+        return {k: v for k, v in (("CPU", inst.num_cpus),
+                                  ("GPU", 1 if inst.device == "cuda" else 0)) if v}
 
     def _request_resources(self, replicas: int) -> None:
-        inst = self.cfg.instances
-        bundle = {k: v for k, v in (("CPU", inst.num_cpus),
-                                    ("GPU", 1 if inst.device == "cuda" else 0)) if v}
+        bundle = self._bundle()
         if not bundle:
             return
         from ray.autoscaler.sdk import request_resources
@@ -209,12 +303,12 @@ class ElasticManager:
         c = self.cfg
         blocks = max_request_blocks(len(handles), c.instances.kv_blocks, c.lending.enabled,
                                     c.lending.max_lend_fraction, c.lending.min_free_fraction)
-        addr, port = ray.get(handles[0].transport_address.remote())
+        addr, port = ray.get(handles[0].transport_address.remote(), timeout=CONTROL_TIMEOUT_S)
         args = (len(handles), addr, port, backend_of(c), handles, blocks)
         ray.get([getattr(h, "connect" if m == "connect" else "prepare").remote(*args)
-                 for h, m in zip(handles, methods)], timeout=180)
+                 for h, m in zip(handles, methods)], timeout=SWITCH_TIMEOUT_S)
         serving = [h for h, m in zip(handles, methods) if m != "connect"]
-        pauses = ray.get([h.switch.remote() for h in serving])
+        pauses = ray.get([h.switch.remote() for h in serving], timeout=SWITCH_TIMEOUT_S)
         self._closing = serving
         return max(pauses, default=0.0)
 
@@ -222,21 +316,152 @@ class ElasticManager:
         """Every member has switched: close the old group (with the replicas that left it)."""
         refs = [h.close_old_transports.remote() for h in getattr(self, "_closing", [])]
         refs += [h.close_transport.remote() for h in others]
-        ray.get(refs, timeout=60)
+        ray.get(refs, timeout=CONTROL_TIMEOUT_S)
         self._closing = []
+
+    # ---- liveness ------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Notice dead replicas within seconds even when no request touches them, and replace
+        them when the cluster has room."""
+        lifelines: dict = {}                     # open lifeline call -> (rank, actor id)
+        while not self.stopped:
+            try:
+                self._watch_once(lifelines)
+            except Exception:
+                log.exception("elastic manager: watchdog round failed")
+                time.sleep(1.0)
+
+    def _watch_once(self, lifelines: dict) -> None:
+        with self.member_lock:
+            members = [(i, h) for i, h in enumerate(self.handles)
+                       if h is not None and i not in self.dead]
+        armed = set(lifelines.values())
+        for i, h in members:
+            if (i, h._actor_id.hex()) not in armed:
+                lifelines[h.lifeline.remote(LIFELINE_S)] = (i, h._actor_id.hex())
+        beat = self.cfg.lending.heartbeat_s
+        if lifelines:
+            ready, _ = ray.wait(list(lifelines), num_returns=len(lifelines), timeout=beat)
+        else:
+            ready = []
+            time.sleep(beat)
+        for ref in ready:
+            rank, actor_id = lifelines.pop(ref)
+            try:
+                ray.get(ref)                     # returned: renewed next round if still a member
+            except ray.exceptions.RayActorError:
+                self._on_death(rank, actor_id, "its actor died")
+            except Exception:
+                pass
+        try:
+            ages = ray.get(self.controller.beat_ages.remote(), timeout=PING_TIMEOUT_S)
+        except Exception:                        # the controller restarts: lifelines still watch
+            ages = {}
+        for i, h in members:
+            if ages.get(i, 0.0) > SILENT_BEATS * beat and not self._answers(h):
+                self._on_death(i, h._actor_id.hex(), f"silent for {ages[i]:.0f} s")
+        if self.dead and time.monotonic() >= self._next_replace and \
+                self.scale_lock.acquire(blocking=False):
+            try:
+                self._replace_dead_locked()
+            finally:
+                self.scale_lock.release()
+
+    def _answers(self, handle) -> bool:
+        """Alive and healthy: a replica that gave up serving (unhealthy) counts as dead."""
+        try:
+            return ray.get(handle.health.remote(), timeout=PING_TIMEOUT_S)["healthy"]
+        except Exception:
+            return False
+
+    def report_dead(self, rank: int, actor_id: str | None = None) -> bool:
+        """An instance or a driver found rank `rank` (the actor `actor_id`) unreachable: checked
+        here before it counts. True when the rank is now dead."""
+        with self.member_lock:
+            if rank >= len(self.handles) or self.handles[rank] is None:
+                return rank in self.dead
+            handle = self.handles[rank]
+        if actor_id is not None and handle._actor_id.hex() != actor_id:
+            return False                         # already replaced
+        if self._answers(handle):
+            return False
+        self._on_death(rank, handle._actor_id.hex(), "reported unreachable")
+        return True
+
+    def _on_death(self, rank: int, actor_id: str, why: str) -> None:
+        """Rank `rank` died: out of the ledger, its lenders take their blocks back; the
+        watchdog replaces it."""
+        with self.member_lock:
+            handle = self.handles[rank] if rank < len(self.handles) else None
+            if handle is None or handle._actor_id.hex() != actor_id or rank in self.dead:
+                return                            # left, replaced, or already known
+            self.dead.add(rank)
+            self._save_record()
+            live = [h for i, h in enumerate(self.handles) if i not in self.dead and h is not None]
+        log.warning("elastic manager: rank %d (%s) is dead: %s", rank, self.names[rank], why)
+        self._next_replace = 0.0
+        try:
+            self.controller.remove_instance.remote(rank)
+            for h in live:
+                h.drop_debtor.remote(rank)
+        except Exception:
+            pass
+
+    def _replace_dead_locked(self) -> bool:
+        """Start new replicas for the dead ranks (under the scale lock) and rebuild the data
+        plane with them; the live replicas switch between two steps. False when the cluster
+        has no room now (retried after REPLACE_RETRY_S)."""
+        dead = sorted(self.dead)
+        if not dead:
+            return True
+        self._next_replace = time.monotonic() + REPLACE_RETRY_S
+        for i in dead:
+            try:
+                ray.kill(self.handles[i])      # a half-dead process frees its resources
+            except Exception:
+                pass
+        names = [f"kvfabric-{self.fabric_name}-instance-{i}.{next(self._serial)}" for i in dead]
+        fresh = self._launch(dead, names)
+        try:
+            self._wait_ready(fresh, names, placement_timeout_s=min(
+                REPLACE_PLACEMENT_S, self.cfg.autoscale.scale_timeout_s))
+            ray.get([self.controller.readmit.remote(i) for i in dead], timeout=CONTROL_TIMEOUT_S)
+            handles, all_names = list(self.handles), list(self.names)
+            for i, h, n in zip(dead, fresh, names):
+                handles[i], all_names[i] = h, n
+            self._connect(handles, ["connect" if i in dead else "reconnect"
+                                    for i in range(len(handles))])
+        except Exception as e:
+            self.replace_error = f"{type(e).__name__}: {e}"
+            log.warning("elastic manager: replacing ranks %s failed: %s", dead, e)
+            for h in fresh:
+                try:
+                    ray.kill(h)
+                except Exception:
+                    pass
+            return False
+        self._close_old_planes()
+        with self.member_lock:
+            self.dead -= set(dead)
+        self._publish(all_names, handles)
+        self.num_replaced += len(dead)
+        self.replace_error = None
+        return True
 
     # ---- scaling -------------------------------------------------------------------------
     def scale(self, replicas: int, reason: str = "manual") -> dict:
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise FabricError(f"replicas must be an integer >= 1, got {replicas!r}")
         with self.scale_lock:
-            self._refresh_handles()
             event = self._scale_locked(replicas, reason)
             if self.policy is not None:
                 self.policy.reset()
             return event
 
     def _scale_locked(self, replicas: int, reason: str) -> dict:
+        if self.dead and not self._replace_dead_locked():
+            raise FabricError(f"cannot scale while rank(s) {sorted(self.dead)} are dead and "
+                              f"cannot be replaced: {self.replace_error}")
         current = len(self.names)
         if replicas == current:
             return {}
@@ -250,21 +475,23 @@ class ElasticManager:
         current = len(self.names)
         names = [f"kvfabric-{self.fabric_name}-instance-{i}.{next(self._serial)}"
                  for i in range(current, target)]
-        new = self._launch(current, names)
+        ranks = list(range(current, target))
+        new = self._launch(ranks, names)
         try:
-            self._wait_ready(new)                   # the others serve meanwhile
+            self._wait_ready(new, names)            # the others serve meanwhile
             t_ready = time.perf_counter()
             handles = self.handles + new
-            ray.get(self.controller.set_members.remote(self.names + names))
+            ray.get([self.controller.readmit.remote(r) for r in ranks], timeout=CONTROL_TIMEOUT_S)
             pause_s = self._connect(handles, ["reconnect"] * current + ["connect"] * len(new))
         except Exception:              # nothing switched to the new ranks: forget them
             for h in new:
                 ray.kill(h)
-            ray.get(self.controller.set_members.remote(self.names))
+            for r in ranks:
+                self.controller.remove_instance.remote(r)
             raise
         self._close_old_planes()
         self._publish(self.names + names, handles)        # traffic switches here
-        costs = ray.get([h.weights_report.remote() for h in new])
+        costs = ray.get([h.weights_report.remote() for h in new], timeout=CONTROL_TIMEOUT_S)
         moved = self._replan_experts()
         return self._event(current, target, t0, costs) | {
             "kind": "up", "replica_ready_s": max(c["ready_s"] for c in costs),
@@ -282,16 +509,17 @@ class ElasticManager:
         reports = []
         try:
             for h in reversed(leave):
-                reports.append(ray.get(h.drain.remote(targets)))
+                reports.append(ray.get(h.drain.remote(targets), timeout=RETIRE_TIMEOUT_S))
         except Exception:
             for h in leave:
                 h.cancel_drain.remote()
             self._publish(names, keep + leave)
             raise
-        ray.get(self.controller.set_members.remote(names[:target]))
+        ray.get([self.controller.remove_instance.remote(r) for r in range(target, current)],
+                timeout=CONTROL_TIMEOUT_S)
         pause_s = self._connect(keep, ["reconnect"] * len(keep))
         self._close_old_planes(leave)
-        ray.get([h.retire.remote() for h in leave])
+        ray.get([h.retire.remote() for h in leave], timeout=CONTROL_TIMEOUT_S)
         if self.resources_requested > target:      # let the autoscaler take idle nodes back
             self._request_resources(target)
         threading.Thread(target=self._reap, args=(leave,), daemon=True).start()
@@ -315,7 +543,7 @@ class ElasticManager:
         cap = max_request_blocks(target, c.instances.kv_blocks, c.lending.enabled,
                                  c.lending.max_lend_fraction, c.lending.min_free_fraction)
         largest = max(r["largest_request_blocks"] for r in ray.get(
-            [h.load_report.remote() for h in self.handles]))
+            [h.load_report.remote() for h in self.handles], timeout=CONTROL_TIMEOUT_S))
         if largest > cap:
             raise FabricError(f"cannot scale to {target} replicas: a running request needs "
                               f"{largest} KV blocks, more than {target} replica(s) can hold ({cap})")
@@ -354,11 +582,12 @@ class ElasticManager:
         store = next(iter(self.stores.values()), None)
         if store is None or not devices:
             return 0
-        sizes = {k: n for k, n in ray.get(store.manifest.remote())["sizes"].items() if k != "dense"}
+        sizes = {k: n for k, n in ray.get(store.manifest.remote(), timeout=CONTROL_TIMEOUT_S)[
+            "sizes"].items() if k != "dense"}
         if not sizes:
             return 0
         loads: dict = {}
-        for rows in ray.get([h.expert_load.remote() for h in self.handles]):
+        for rows in ray.get([h.expert_load.remote() for h in self.handles], timeout=CONTROL_TIMEOUT_S):
             for layer, e, n in rows:
                 loads[(layer, e)] = loads.get((layer, e), 0.0) + n
         old = self.placement
@@ -381,7 +610,8 @@ class ElasticManager:
             if not self.scale_lock.acquire(blocking=False):
                 continue
             try:
-                self._refresh_handles()
+                if self.dead:                      # the watchdog replaces them first
+                    continue
                 reports = ray.get([h.load_report.remote() for h in self.handles], timeout=30)
                 loads = [ReplicaLoad(float(max(0, r["ongoing"])), r["kv_utilization"],
                                      r["ttft_p90_s"]) for r in reports]
@@ -396,7 +626,11 @@ class ElasticManager:
 
     # ---- observation ---------------------------------------------------------------------
     def stats(self) -> dict:
+        with self.phase_lock:
+            starting = {n: dict(p) for n, p in self.phases.items()}
         return {"replicas": len(self.names), "scale_events": list(self.events),
+                "dead": sorted(self.dead), "replaced": self.num_replaced,
+                "replace_error": self.replace_error, "starting": starting,
                 "start": self.start_event, "epoch": self.epoch,
                 "policy": self.last_decision if self.policy is not None else None,
                 "placement": {f"{l}.{e}": d for (l, e), d in sorted(self.placement.items())},
@@ -408,7 +642,13 @@ class ElasticManager:
                 "weight_stores": {n: c for n, c in self.store_costs.items()}}
 
     def shutdown(self) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
         self.stopped = True         # the driver stops the replicas; the stores go with this
+        try:
+            _internal_kv_del(self._record_key(), namespace=self.namespace)
+        except Exception:
+            pass
         for s in self.stores.values():
             try:
                 ray.kill(s)

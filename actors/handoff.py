@@ -27,6 +27,9 @@ from fabric.errors import FabricError
 from fabric.rmanager import BlockRef
 from fabric.sequence import SamplingParams, Sequence
 
+STAGED_KV_TTL_S = 300.0   # KV staged for an adopt that never comes is dropped after this
+CONTROL_TIMEOUT_S = 60.0  # Ray calls of the hand-off wait at most this long
+
 
 class HandoffMixin:
     # ---- the leaving side ----------------------------------------------------------------
@@ -64,7 +67,7 @@ class HandoffMixin:
             self.engine.rm.release_spares(keep=0)
             debtors = list(self.engine.rm.debtors())
         for d in debtors:
-            r = ray.get(self.peers[d].relocate_from.remote(self.id))
+            r = ray.get(self.peers[d].relocate_from.remote(self.id), timeout=CONTROL_TIMEOUT_S)
             report["lent_blocks_relocated"] += r["moved"]
             report["lent_blocks_returned"] += r["returned"]
             report["debtor_requests_recomputed"] += r["preempted"]
@@ -104,6 +107,7 @@ class HandoffMixin:
         """After `drain` and leaving the data plane: stop, and free the model and KV memory.
         The actor lives on only while it forwards results of requests it handed off."""
         self.stopped = True
+        self.lifetime.set()
         self.wake.set()
         with self.lock:
             left = len(self.engine.seqs)
@@ -112,6 +116,7 @@ class HandoffMixin:
         gc.collect()
         return {"requests_left": left, "forwarding": len(self.handed_to)}
 
+    @ray.method(concurrency_group="control")
     def forwarding(self) -> int:
         """Requests whose caller still waits here (handed on or being handed on)."""
         return len(self.waiters)
@@ -154,14 +159,19 @@ class HandoffMixin:
             k, v = self.engine.kv.read_blocks(ids)
             return {}, [k, v]
         k, v = tensors
-        self.__dict__.setdefault("staged_kv", {})[str(meta["req"])] = (k, v)
+        staged = self.__dict__.setdefault("staged_kv", {})
+        now = time.monotonic()
+        for req in [r for r, (_, _, at) in staged.items() if now - at > STAGED_KV_TTL_S]:
+            del staged[req]                     # its adopt never came: free the memory
+        staged[str(meta["req"])] = (k, v, now)
         return {}, []
 
     def _pick_target(self, num_blocks: int) -> int:
         """The remaining instance with the most free blocks (KV moves rather than recomputes).
         Their free blocks are asked once per drain, then counted down as requests move."""
         if not self.target_free:
-            reports = ray.get([h.load_report.remote() for _, h in self.handoff_targets])
+            reports = ray.get([h.load_report.remote() for _, h in self.handoff_targets],
+                              timeout=CONTROL_TIMEOUT_S)
             self.target_free = [r["free_blocks"] for r in reports]
         free = self.target_free
         return max(range(len(free)), key=lambda i: (free[i] >= num_blocks, free[i], -i))
@@ -175,31 +185,57 @@ class HandoffMixin:
             self.transport.call(rank, {"op": "kv_stage", "req": state["id"]}, [k, v])
             state = state | {"staged": True}
         gen = target.adopt.options(num_returns="streaming").remote(state, None, None)
-        info = ray.get(next(gen))
+        info = ray.get(next(gen), timeout=CONTROL_TIMEOUT_S)
         self.target_free[i] -= info["moved_blocks"]
         if w is not None:
             self.handed_to[state["id"]] = target      # forwarding until its result is passed on
-            threading.Thread(target=self._forward, args=(state["id"], w, gen), daemon=True,
-                             name=f"forward-{state['id']}").start()
+            self._forwarder().put((state["id"], w, gen))
         return info
 
-    def _forward(self, req_id: str, w, gen) -> None:
-        """Pass the new home's tokens and result to the caller still waiting here."""
+    def _forwarder(self) -> queue.Queue:
+        """The one thread that passes handed-off requests' tokens and results on to their
+        callers (however many requests are handed off)."""
+        if "_forward_queue" not in self.__dict__:
+            self._forward_queue = queue.Queue()
+            threading.Thread(target=self._forward_all, name="forwarder", daemon=True).start()
+        return self._forward_queue
+
+    def _forward_all(self) -> None:
+        live: dict = {}                         # generator -> (request id, waiter)
+        while True:
+            block = not live
+            try:
+                while True:
+                    req_id, w, gen = self._forward_queue.get(block=block, timeout=None)
+                    live[gen] = (req_id, w)
+                    block = False
+            except queue.Empty:
+                pass
+            ready, _ = ray.wait(list(live), num_returns=1, timeout=0.05)
+            for gen in ready:
+                req_id, w = live[gen]
+                if self._forward_one(req_id, w, gen):
+                    del live[gen]
+                    self.waiters.pop(req_id, None)
+                    self.handed_to.pop(req_id, None)
+
+    def _forward_one(self, req_id: str, w, gen) -> bool:
+        """Pass on the next item of `gen`; True once the request has ended."""
         try:
-            for ref in gen:
-                item = ray.get(ref)
-                if isinstance(item, dict):
-                    w.done(**item)
-                    return
-                if w.tokens is not None:
-                    w.tokens.put(item)
+            item = ray.get(next(gen), timeout=CONTROL_TIMEOUT_S)
+        except StopIteration:
             w.done(id=req_id, error=f"request {req_id} ended without a result", error_type="FabricError")
+            return True
         except Exception as e:
             w.done(id=req_id, error=f"handoff of request {req_id} failed: {e!r}",
                    error_type="FabricError")
-        finally:
-            self.waiters.pop(req_id, None)
-            self.handed_to.pop(req_id, None)
+            return True
+        if isinstance(item, dict):
+            w.done(**item)
+            return True
+        if w.tokens is not None:
+            w.tokens.put(item)
+        return False
 
     def _forward_fresh(self, r: dict, w):
         """A request that reached this instance after it started leaving: run it elsewhere."""
@@ -234,7 +270,7 @@ class HandoffMixin:
 
     def _adopt(self, state: dict, k, v, w) -> dict:
         if state.get("staged"):
-            k, v = self.__dict__.get("staged_kv", {}).pop(state["id"], (None, None))
+            k, v, _ = self.__dict__.get("staged_kv", {}).pop(state["id"], (None, None, None))
         if self.draining or self.stopped:
             raise FabricError(f"instance {self.id} is leaving: it adopts no request")
         seq = _sequence_of(state)
@@ -300,6 +336,7 @@ class HandoffMixin:
         return {"moved": moved, "returned": returned, "preempted": preempted}
 
     # ---- reports for the elastic manager -------------------------------------------------
+    @ray.method(concurrency_group="control")
     def load_report(self) -> dict:
         """Load for the autoscaling policy and for placing handed-off requests."""
         now = time.monotonic()
@@ -313,6 +350,7 @@ class HandoffMixin:
                     "ttft_p90_s": recent[int(0.9 * (len(recent) - 1))] if recent else None,
                     "largest_request_blocks": largest, "draining": self.draining}
 
+    @ray.method(concurrency_group="control")
     def expert_load(self) -> list[list[int]]:
         """Tokens routed to each expert so far, as [layer, expert, tokens] rows."""
         rows = []
@@ -322,6 +360,7 @@ class HandoffMixin:
                 rows += [[layer, e, int(n)] for e, n in enumerate(moe.tokens_per_expert.tolist())]
         return rows
 
+    @ray.method(concurrency_group="control")
     def weights_report(self) -> dict:
         return dict(self.weights)
 

@@ -5,12 +5,23 @@ Threads inside the actor (a threaded Ray actor):
   the controller and a creditor, never under the books lock), then runs one step under the lock;
 - the transport's service thread: answers creditors' attention micro-tasks over the blocks this
   instance lends, concurrently with its own steps (disjoint blocks; never takes the lock);
-- Ray call threads: `generate` (waits for its requests), `lend` / `reclaim` (under the lock),
-  `stats`; and a heartbeat thread feeding the controller's ledger.
+- Ray call threads: `generate` (waits for its requests) on the default group; control calls
+  (`lend`, `reclaim`, `abort`, `info`, `stats`, `health`, ...) on a group of their own, so that
+  many long `generate`/`stream` calls cannot starve them; and a heartbeat thread feeding the
+  controller's ledger.
+
+Liveness: while its constructor runs, the instance tells the elastic manager what it is doing
+(`report_phase`: loading weights, allocating the KV pool, ...); the manager bounds start-up with
+`instances.startup_timeout_s` and judges silence only after the first heartbeat. The engine loop
+is guarded: an exception outside a step fails the waiting requests with a `FabricError` saying
+what broke; repeated faults make the instance unhealthy (it stops beating and refuses requests;
+the manager replaces it).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import queue
 import random
 import threading
@@ -23,7 +34,7 @@ from fabric.config import FabricConfig, load_config
 from fabric.distattn import PartialJob, partial_on_shard
 from fabric.context import Shard
 from fabric.engine import Engine
-from fabric.errors import FabricError, RequestError
+from fabric.errors import CapacityError, FabricError, RequestError
 from fabric.messages import Heartbeat
 from fabric.model import load_model
 from fabric.rmanager import BlockRef
@@ -35,17 +46,31 @@ from actors.transport import TransportHost
 BORROW_CHUNK = 8      # blocks borrowed at least per borrow event: keeps control calls off the token path
 MEMORY_WAIT_S = 2.0    # a request short of blocks waits this long for a borrow before preemption
 BORROW_RETRY_S = 0.05  # after a failed borrow, wait this long before asking the controller again
+CONTROL_TIMEOUT_S = 60.0   # every Ray call on a control path waits at most this long
+MAX_LOOP_FAULTS = 3    # engine-loop faults in a row (no good step between) that make it unhealthy
+CONTROL_GROUP = "control"      # concurrency group of control calls
+LIFELINE_GROUP = "lifeline"    # the elastic manager's death watch (`lifeline`)
+# Fault injection for tests: the constructor sleeps this many seconds (a slow checkpoint load).
+STARTUP_DELAY_ENV = "KV_FABRIC_TESTING_STARTUP_DELAY_S"
+
+log = logging.getLogger(__name__)
 
 
 class InstanceActor(HandoffMixin, TransportHost):
     def __init__(self, instance_id: int, config: dict, controller_name: str, namespace: str,
-                 fabric_name: str = "", manager_name: str | None = None):
+                 fabric_name: str = "", manager_name: str | None = None, name: str = ""):
         self.cfg: FabricConfig = load_config(config)
-        self.id = instance_id
+        self.id, self.name = instance_id, name
         self.controller = ray.get_actor(controller_name, namespace=namespace)
         self.manager = ray.get_actor(manager_name, namespace=namespace) if manager_name else None
+        self._phase("constructing")
+        delay = float(os.environ.get(STARTUP_DELAY_ENV) or 0)
+        if delay > 0:
+            self._phase(f"in a start-up delay of {delay:g} s ({STARTUP_DELAY_ENV})")
+            time.sleep(delay)
         self.weights: dict = {}
         self.engine = self._build_engine()
+        self._phase("starting its threads")
         self.metrics = InstanceMetrics(instance_id, fabric_name)
         self.lock = threading.RLock()
         self.inbox: queue.Queue = queue.Queue()
@@ -72,7 +97,24 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.started = time.perf_counter()
         self._hb_seq = 0
         self._borrow_retry_at = 0.0
+        self.num_loop_faults = 0              # engine-loop faults so far
+        self.loop_faults_in_row = 0           # ... since the last good step
+        self.last_fault: str | None = None
+        self.unhealthy: str | None = None     # why this instance gave up serving
+        self._faults: dict[str, int] = {}     # injected faults (tests): point -> times left
+        self.lifetime = threading.Event()     # set when the instance stops
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
+
+    def _phase(self, what: str) -> None:
+        """Tell the elastic manager what start-up is doing (named in a start-up timeout)."""
+        if self.manager is None:
+            return
+        ctx = ray.get_runtime_context()
+        try:
+            self.manager.report_phase.remote(self.name, self.id, what, ctx.get_node_id(),
+                                             ray.util.get_node_ip_address())
+        except Exception:     # the manager restarts: the next report gets through
+            pass
 
     def _build_engine(self) -> Engine:
         """The model (weights mapped from the node's published copy when the fabric has an
@@ -84,11 +126,14 @@ class InstanceActor(HandoffMixin, TransportHost):
             from autoscale.weights import all_shared, map_weights
             from fabric.model.checkpoint import build_model
 
+            self._phase("waiting for its node's copy of the weights (published once per node)")
             manifest, cost = ray.get(self.manager.weights_for.remote(
-                ray.get_runtime_context().get_node_id()))
+                ray.get_runtime_context().get_node_id()), timeout=inst.startup_timeout_s)
             t_manifest = time.perf_counter()
+            self._phase("mapping the weights")
             state, mapped = map_weights(manifest)
             t_map = time.perf_counter()
+            self._phase("building the model")
             model = build_model(manifest["args"], state, m.dtype, device)
             t_build = time.perf_counter()
             self.weights = {"bytes_mapped": mapped if device == "cpu" else 0,
@@ -97,12 +142,14 @@ class InstanceActor(HandoffMixin, TransportHost):
                             "manifest_s": t_manifest - t0, "map_s": t_map - t_manifest,
                             "build_s": t_build - t_map}
         else:
+            self._phase("loading the weights")
             model = load_model(m.preset, m.path, m.dtype, m.seed, device)
             from autoscale.weights import checkpoint_bytes
 
             self.weights = {"bytes_mapped": 0, "bytes_copied": 0,
                             "bytes_loaded_from_disk": checkpoint_bytes(m.path) if m.path else 0}
         lend = self.cfg.lending
+        self._phase("allocating the KV pool")
         engine = Engine(model, inst.kv_blocks, inst.block_size, instance_id=self.id,
                         max_num_seqs=inst.max_num_seqs, max_batch_tokens=inst.max_batch_tokens,
                         max_lend_fraction=lend.max_lend_fraction, min_free_fraction=lend.min_free_fraction)
@@ -112,6 +159,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         return engine
 
     # ---- set-up --------------------------------------------------------------------------
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def info(self) -> dict:
         args = self.engine.args
         return {"id": self.id, "node": ray.get_runtime_context().get_node_id(),
@@ -134,7 +182,8 @@ class InstanceActor(HandoffMixin, TransportHost):
             self.engine.rm.release_fn = self._release
             self.engine.scheduler.memory_wait_s = MEMORY_WAIT_S
             self.engine.scheduler.reserve_on_admit = True
-        ray.get(self.controller.heartbeat.remote(self.heartbeat()))   # in the ledger before serving
+        ray.get(self.controller.heartbeat.remote(self.heartbeat()),   # in the ledger before serving
+                timeout=CONTROL_TIMEOUT_S)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         return True
 
@@ -196,16 +245,19 @@ class InstanceActor(HandoffMixin, TransportHost):
             yield tok
         yield w.slot
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def abort(self, req_id: str) -> bool:
         """Cancel a request: its blocks, local and borrowed, are freed at once. A request handed
-        to another instance (this one is leaving) is cancelled there."""
+        to another instance (this one is leaving) is cancelled there. An id that is not running
+        here is not remembered (it may be used again later)."""
         target = self.handed_to.get(req_id)
         if target is not None:
-            return ray.get(target.abort.remote(req_id))
+            return ray.get(target.abort.remote(req_id), timeout=CONTROL_TIMEOUT_S)
         with self.lock:
             seq = self.engine.seqs.get(req_id)
             if seq is None:
-                self.cancelled.add(req_id)            # still in the inbox: dropped on admission
+                if req_id in self.waiters:            # still in the inbox: dropped on admission
+                    self.cancelled.add(req_id)
             else:
                 self.engine.abort(req_id)
                 rm = self.engine.rm
@@ -226,11 +278,18 @@ class InstanceActor(HandoffMixin, TransportHost):
 
     def _enqueue_here(self, r: dict, w: "_Waiter") -> "_Waiter":
         try:
+            if self.unhealthy is not None:
+                raise FabricError(f"instance {self.id} is unhealthy ({self.unhealthy}): it "
+                                  f"takes no requests until it is replaced")
             params = SamplingParams(r.get("max_new_tokens", 16), r.get("temperature", 0.0),
                                     r.get("seed"), r.get("ignore_eos", False))
             self.engine.validate(r["prompt"], params)
             if r["id"] in self.waiters:
                 raise RequestError(f"request id {r['id']!r} is already running here")
+            queued = self.inbox.qsize() + len(self.engine.scheduler.waiting)
+            if queued >= self.cfg.instances.max_queued_requests:
+                raise CapacityError(f"fabric queue full: instance {self.id} already has {queued} "
+                                    f"requests waiting (instances.max_queued_requests)")
             self.waiters[r["id"]] = w
             self.inbox.put((r["id"], r["prompt"], params))
         except FabricError as e:
@@ -250,41 +309,132 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.wake.set()
 
     def _loop(self) -> None:
+        """The engine thread. Nothing may end it but `stopped`: a fault fails the requests it
+        touches with an error that says what broke, and the loop goes on."""
         while not self.stopped:
-            if self.paused.is_set():           # rejoining the data plane, or handing off
-                self.parked.set()
-                time.sleep(0.005)
-                continue
-            self.parked.clear()
-            self._admit()
-            if not self.engine.has_unfinished():
-                self._release_idle_spares()
-                self.wake.wait(0.05)
-                self.wake.clear()
-                continue
-            self._borrow_ahead()
-            failed_peers = None
-            with self.lock:
-                try:
-                    steps_before = self.engine.num_steps
-                    new, finished = self.engine.step()
-                except Exception as e:
-                    failed_peers = getattr(e, "failed_peers", None)
-                    if not failed_peers:         # never lose requests silently
-                        self._fail_all(e)
-                        continue
-            if failed_peers:
-                self._recover_from(failed_peers)
-                continue
-            if self.engine.num_steps == steps_before:     # all waiting for memory
-                self.wake.wait(0.01)
-                self.wake.clear()
-            for seq, tok in new:
-                w = self.waiters.get(seq.req_id)
-                if w is not None and w.tokens is not None:
-                    w.tokens.put(tok)
-            for seq in finished:
-                self._finish(seq)
+            try:
+                self._loop_once()
+            except Exception as e:
+                self._loop_fault(e)
+
+    def _loop_once(self) -> None:
+        if self.paused.is_set():           # rejoining the data plane, or handing off
+            self.parked.set()
+            time.sleep(0.005)
+            return
+        self.parked.clear()
+        self._maybe_fault("engine_loop")
+        self._admit()
+        if not self.engine.has_unfinished():
+            self._release_idle_spares()
+            self.wake.wait(0.05)
+            self.wake.clear()
+            return
+        self._borrow_ahead()
+        with self.lock:
+            try:
+                steps_before = self.engine.num_steps
+                new, finished = self.engine.step()
+            except Exception as e:
+                failed_peers = getattr(e, "failed_peers", None)
+                if not failed_peers:         # never lose requests silently
+                    self._fail_all(e)
+                    return
+                raised, error = getattr(e, "raised_peers", []), e
+            else:
+                failed_peers = None
+                if self.engine.num_steps > steps_before:
+                    self.loop_faults_in_row = 0
+        if failed_peers:
+            if raised:                        # a creditor's handler raised: a bug, not a fault
+                self._fail_requests_on(raised, error)
+            if set(failed_peers) - set(raised):
+                self._recover_from([p for p in failed_peers if p not in raised])
+            return
+        if self.engine.num_steps == steps_before:     # all waiting for memory
+            self.wake.wait(0.01)
+            self.wake.clear()
+        for seq, tok in new:
+            w = self.waiters.get(seq.req_id)
+            if w is not None and w.tokens is not None:
+                w.tokens.put(tok)
+        for seq in finished:
+            self._finish(seq)
+
+    def _loop_fault(self, exc: Exception) -> None:
+        """An exception outside `engine.step()`: fail every waiting request with it (their
+        callers would otherwise wait forever); after MAX_LOOP_FAULTS in a row, give up serving."""
+        self.num_loop_faults += 1
+        self.loop_faults_in_row += 1
+        self.last_fault = f"{type(exc).__name__}: {exc}"
+        log.exception("instance %d: engine loop fault", self.id)
+        if self.loop_faults_in_row >= MAX_LOOP_FAULTS:
+            self.unhealthy = f"{self.loop_faults_in_row} engine-loop faults in a row, the last " \
+                             f"{self.last_fault}"
+        try:
+            self._fail_waiting(f"the engine loop of instance {self.id} failed: {self.last_fault}")
+        except Exception:
+            log.exception("instance %d: failing requests after a loop fault", self.id)
+        time.sleep(0.05)
+
+    def _fail_waiting(self, error: str) -> None:
+        """Fail every request whose caller waits here (running, queued, or not yet admitted),
+        except those handed to another instance."""
+        while True:
+            try:
+                self.inbox.get_nowait()
+            except queue.Empty:
+                break
+        with self.lock:
+            for req_id in list(self.engine.seqs):
+                self.engine.abort(req_id)
+            rm = self.engine.rm
+            rm.release_spares(keep=0)
+        for req_id in [r for r in list(self.waiters) if r not in self.handed_to]:
+            w = self.waiters.pop(req_id, None)
+            self.cancelled.discard(req_id)
+            if w is not None:
+                w.done(id=req_id, error=error, error_type="FabricError")
+
+    def _fail_requests_on(self, peers: list[int], exc: Exception) -> None:
+        """Fail the running requests with KV on `peers`, whose attention handler raised."""
+        with self.lock:
+            rm = self.engine.rm
+            hit = [s.req_id for s in list(self.engine.scheduler.running)
+                   if any(r.instance in peers for r in rm.tables.get(s.req_id, ()))]
+            for req_id in hit:
+                self.engine.abort(req_id)
+        for req_id in hit:
+            w = self.waiters.pop(req_id, None)
+            if w is not None:
+                w.done(id=req_id, error=f"instance {self.id}: attention on a creditor failed "
+                       f"for request {req_id}: {exc}", error_type="FabricError")
+
+    def _maybe_fault(self, point: str) -> None:
+        if self._faults.get(point, 0) > 0:
+            self._faults[point] -= 1
+            raise RuntimeError(f"fault injected at {point!r} (testing)")
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def inject_fault(self, point: str, times: int = 1) -> None:
+        """Testing aid: raise at `point` the next `times` times it is reached. Points:
+        "engine_loop" (the engine thread, outside a step), "serve_attention" (this instance's
+        handler for creditors' attention calls)."""
+        if point not in ("engine_loop", "serve_attention"):
+            raise ValueError(f"unknown fault point {point!r}")
+        self._faults[point] = int(times)
+        self.wake.set()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def health(self) -> dict:
+        return {"id": self.id, "healthy": self.unhealthy is None, "reason": self.unhealthy,
+                "loop_faults": self.num_loop_faults, "last_fault": self.last_fault}
+
+    @ray.method(concurrency_group=LIFELINE_GROUP)
+    def lifeline(self, timeout_s: float) -> bool:
+        """Returns when the instance stops (True) or after `timeout_s` (False); the elastic
+        manager keeps one call open per replica: it fails at once when the actor dies."""
+        return self.lifetime.wait(timeout_s)
 
     def _recover_from(self, peers: list[int]) -> None:
         """A creditor stopped answering: requests with KV there are recomputed from their tokens
@@ -301,14 +451,15 @@ class InstanceActor(HandoffMixin, TransportHost):
             self.num_recoveries += 1
         for p in dead:
             self.dead_peers.add(p)
-            self._tell_controller("remove_instance", p)
-            for i, peer in enumerate(self.peers):
-                if i != self.id and i not in self.dead_peers:
-                    peer.drop_debtor.remote(p)
+            if self.manager is not None:    # it drops the rank everywhere and replaces it
+                try:
+                    self.manager.report_dead.remote(p, self.peers[p]._actor_id.hex())
+                except Exception:
+                    pass
 
     def _is_alive(self, peer: int) -> bool:
         try:
-            ray.get(self.peers[peer].info.remote(), timeout=5)
+            ray.get(self.peers[peer].info.remote(), timeout=10)
             return True
         except Exception:
             return False
@@ -319,6 +470,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         except Exception:
             pass      # restarting: the next heartbeats rebuild its ledger
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def drop_debtor(self, debtor: int) -> int:
         """`debtor` died: take back every block lent to it."""
         with self.lock:
@@ -340,9 +492,12 @@ class InstanceActor(HandoffMixin, TransportHost):
                 with self.lock:
                     self.engine.add_request(prompt, params, req_id=req_id)
             except FabricError as e:
-                self.waiters.pop(req_id).done(id=req_id, error=str(e), error_type=type(e).__name__)
+                w = self.waiters.pop(req_id, None)
+                if w is not None:
+                    w.done(id=req_id, error=str(e), error_type=type(e).__name__)
 
     def _finish(self, seq) -> None:
+        self.cancelled.discard(seq.req_id)
         w = self.waiters.pop(seq.req_id, None)
         if w is None:
             return
@@ -353,11 +508,15 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.recent_ttft = [*self.recent_ttft[-255:], (time.monotonic(), m["ttft_s"])]
 
     def _fail_all(self, exc: Exception) -> None:
+        """A step raised: fail the admitted requests with the error (never lose them silently)."""
+        log.error("instance %d: a step failed: %r", self.id, exc)
         for req_id in list(self.engine.seqs):
             self.engine.abort(req_id)
+            self.cancelled.discard(req_id)
             w = self.waiters.pop(req_id, None)
             if w is not None:
-                w.done(id=req_id, error=f"instance {self.id} failed: {exc!r}", error_type="FabricError")
+                w.done(id=req_id, error=f"instance {self.id}: a step failed: "
+                       f"{type(exc).__name__}: {exc}", error_type="FabricError")
 
     # ---- borrowing (debtor side) ---------------------------------------------------------
     def _borrow_ahead(self) -> None:
@@ -391,7 +550,8 @@ class InstanceActor(HandoffMixin, TransportHost):
         for _ in range(3):
             self.num_controller_calls += 1
             grants = ray.get(self.controller.propose_creditors.remote(
-                self.id, n - len(got), exclude, max(1, at_least - len(got))))
+                self.id, n - len(got), exclude, max(1, at_least - len(got))),
+                timeout=CONTROL_TIMEOUT_S)
             if not grants:
                 break
             for creditor, k in grants:
@@ -399,7 +559,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                     self.controller.settle.remote(self.id, creditor, 0, k)
                     exclude.append(creditor)
                     continue
-                ids = ray.get(self.peers[creditor].lend.remote(self.id, k))
+                ids = ray.get(self.peers[creditor].lend.remote(self.id, k), timeout=CONTROL_TIMEOUT_S)
                 self.controller.settle.remote(self.id, creditor, len(ids), k - len(ids))
                 if len(ids) < k:
                     exclude.append(creditor)
@@ -431,6 +591,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                 self.engine.rm.release_spares(keep=0)
 
     # ---- lending (creditor side) ---------------------------------------------------------
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def lend(self, debtor: int, n: int) -> list[int]:
         if self.draining:
             return []
@@ -439,6 +600,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         self._beat_now()
         return ids
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def reclaim(self, debtor: int, ids: list[int]) -> None:
         with self.lock:
             self.engine.rm.reclaim(debtor, ids)
@@ -455,6 +617,7 @@ class InstanceActor(HandoffMixin, TransportHost):
             return self.serve_kv(src, meta, tensors)
         if meta.get("op") != "attn":
             raise ValueError(f"unknown op {meta.get('op')!r}")
+        self._maybe_fault("serve_attention")
         t0 = time.perf_counter()
         q, k_new, v_new, slots, tables, kv_lens, cu = tensors
         used = tables[tables >= 0].tolist()
@@ -473,7 +636,7 @@ class InstanceActor(HandoffMixin, TransportHost):
     # ---- books for the controller and stats ------------------------------------------------
     def _heartbeats(self) -> None:
         last = time.perf_counter()
-        while not self.stopped:
+        while not self.stopped and self.unhealthy is None:   # unhealthy: fall silent
             try:
                 self.controller.heartbeat.remote(self.heartbeat())
                 now = time.perf_counter()
@@ -501,6 +664,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                              num_waiting=len(self.engine.scheduler.waiting),
                              creditors=rm.creditors(), debtors=rm.debtors(), seq=self._hb_seq).to_dict()
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def stats(self) -> dict:
         with self.lock:
             rm = self.engine.rm
@@ -516,12 +680,15 @@ class InstanceActor(HandoffMixin, TransportHost):
                     "controller_calls": self.num_controller_calls,
                     "remote_partials_served": self.num_remote_partials_served,
                     "recoveries": self.num_recoveries, "dead_peers": sorted(self.dead_peers),
+                    "loop_faults": self.num_loop_faults, "unhealthy": self.unhealthy,
                     "serve_seconds": self.serve_seconds,
                     "remote_wait_seconds": getattr(self.engine.remote, "wait_seconds", 0.0),
                     "transport": self.transport.stats() if self.transport else {}}
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def shutdown(self) -> None:
         self.stopped = True
+        self.lifetime.set()
         self.wake.set()
         if self.transport is not None:
             self.transport.close()

@@ -18,6 +18,7 @@ from fabric.sequence import SamplingParams
 from fabric.tokenizer import ByteTokenizer
 
 NAMESPACE = "kv-fabric"
+CONTROL_TIMEOUT_S = 60.0    # every control call of the driver waits at most this long
 REQUEST_KEYS = {"id", "prompt", "max_new_tokens", "temperature", "seed", "ignore_eos"}
 
 
@@ -33,8 +34,8 @@ def _error_class(name: str | None) -> type:
     return cls if isinstance(cls, type) and issubclass(cls, FabricError) else FabricError
 
 
-def _actor_names(name: str, count: int) -> tuple[str, list[str]]:
-    return f"kvfabric-{name}-controller", [f"kvfabric-{name}-instance-{i}" for i in range(count)]
+def _controller_name(name: str) -> str:
+    return f"kvfabric-{name}-controller"
 
 
 def _manager_name(name: str) -> str:
@@ -90,12 +91,12 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
         check_checkpoint(cfg.model.path)     # a broken checkpoint fails here, before any actor
     owns_ray = _init_ray(address, cfg)
     name = name or uuid.uuid4().hex[:8]
-    ctrl_name, inst_names = _actor_names(name, cfg.initial_replicas)
+    ctrl_name = _controller_name(name)
     lifetime = "detached" if detached else None
     controller = ray.remote(ControllerActor).options(
         name=ctrl_name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=0, max_concurrency=16,
         max_restarts=-1, max_task_retries=-1,       # restarts rebuild the ledger from heartbeats
-    ).remote(cfg.to_dict(), inst_names, NAMESPACE, name, detached)
+    ).remote(cfg.to_dict())
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     manager = ray.remote(ElasticManager).options(
@@ -104,17 +105,33 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
         scheduling_strategy=NodeAffinitySchedulingStrategy(      # beside the driver (fate-shared)
             ray.get_runtime_context().get_node_id(), soft=False),
     ).remote(cfg.to_dict(), name, NAMESPACE, ctrl_name, detached)
-    try:
+    try:      # bounded by instances.startup_timeout_s and autoscale.scale_timeout_s
         members = ray.get(manager.start.remote(cfg.initial_replicas))
-    except Exception:
+    except Exception as e:
         for actor in (manager, controller):
             ray.kill(actor, no_restart=True)
         if owns_ray:
             ray.shutdown()
+        if isinstance(e, ray.exceptions.RayTaskError) and isinstance(
+                e.as_instanceof_cause(), FabricError):
+            raise e.as_instanceof_cause() from None
         raise
-    instances = [ray.get_actor(n, namespace=NAMESPACE) for n in members["names"]]
-    fab = Fabric(name, cfg, controller, instances, owns_ray, manager, members)
-    return fab
+    return Fabric(name, cfg, controller, _handles(members), owns_ray, manager, members)
+
+
+def _handles(members: dict) -> list:
+    """Actor handles by rank; None for a dead rank whose actor is gone."""
+    import ray
+
+    handles = []
+    for i, n in enumerate(members["names"]):
+        try:
+            handles.append(ray.get_actor(n, namespace=NAMESPACE))
+        except ValueError:
+            if i not in members["dead"]:
+                raise
+            handles.append(None)
+    return handles
 
 
 def connect(name: str, *, address: str | None = None) -> "Fabric":
@@ -123,13 +140,12 @@ def connect(name: str, *, address: str | None = None) -> "Fabric":
 
     if not ray.is_initialized():
         _init_ray(address or "auto", None)
-    ctrl_name, _ = _actor_names(name, 0)
     try:       # a fabric being stopped may still show some of its actors: all must answer
-        controller = ray.get_actor(ctrl_name, namespace=NAMESPACE)
-        cfg = load_config(ray.get(controller.config.remote(), timeout=60))
+        controller = ray.get_actor(_controller_name(name), namespace=NAMESPACE)
+        cfg = load_config(ray.get(controller.config.remote(), timeout=CONTROL_TIMEOUT_S))
         manager = ray.get_actor(_manager_name(name), namespace=NAMESPACE)
-        members = ray.get(manager.members.remote(), timeout=60)
-        instances = [ray.get_actor(n, namespace=NAMESPACE) for n in members["names"]]
+        members = ray.get(manager.members.remote(), timeout=CONTROL_TIMEOUT_S)
+        instances = _handles(members)
     except (ValueError, ray.exceptions.RayActorError):
         raise FabricError(f"no fabric named {name!r} is running") from None
     return Fabric(name, cfg, controller, instances, False, manager, members)
@@ -147,14 +163,14 @@ class Fabric:
         self.names: list[str] = list(members["names"])
         self.epoch = members["epoch"]
         self._owns_ray = owns_ray
-        self.infos = ray.get([a.info.remote() for a in instances])
-        info = self.infos[0]
+        self.dead: set[int] = set(members["dead"])     # ranks found dead, not yet replaced
+        self.info = info = ray.get(next(a for i, a in enumerate(instances) if i not in self.dead)
+                                   .info.remote(), timeout=CONTROL_TIMEOUT_S)   # model facts
         self.vocab_size, self.max_positions = info["vocab_size"], info["max_position_embeddings"]
         self.block_size = info["block_size"]
         self.tokenizer = self._tokenizer()
         self._next_home = 0
         self._homes: dict[str, object] = {}   # streamed request id -> home instance actor
-        self.dead: set[int] = set()           # instances found dead
 
     @property
     def max_request_blocks(self) -> int:
@@ -176,18 +192,30 @@ class Fabric:
         return None
 
     def _sync_members(self) -> None:
-        """Follow the elastic manager's replica set (one control call; nothing per token)."""
+        """Follow the elastic manager's replica set (one control call; nothing per token). The
+        manager owns membership: a replacement or a scale event changes its epoch."""
         import ray
 
-        members = ray.get(self.manager.members.remote())
+        members = ray.get(self.manager.members.remote(), timeout=CONTROL_TIMEOUT_S)
         if members["epoch"] == self.epoch:
+            self.dead |= set(members["dead"])
             return
         known = dict(zip(self.names, self.instances))
-        names = members["names"]
-        self.instances = [known.get(n) or ray.get_actor(n, namespace=NAMESPACE) for n in names]
-        self.dead = {i for i in self.dead if i < len(names) and i < len(self.names)
-                     and names[i] == self.names[i]}
-        self.names, self.epoch = list(names), members["epoch"]
+        self.instances = [known.get(n) if known.get(n) is not None else self._handle(n, i, members)
+                          for i, n in enumerate(members["names"])]
+        self.dead = set(members["dead"])
+        self.names, self.epoch = list(members["names"]), members["epoch"]
+
+    @staticmethod
+    def _handle(name: str, rank: int, members: dict):
+        import ray
+
+        try:
+            return ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            if rank in members["dead"]:
+                return None
+            raise
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompts, *, max_new_tokens: int = 16, temperature: float = 0.0,
@@ -279,54 +307,31 @@ class Fabric:
                 try:
                     done.update((d["id"], d) for d in ray.get(ref))
                 except RayActorError:
-                    self._sync_members()
-                    now = [i for i, a in enumerate(self.instances)
-                           if a._actor_id == instances[h]._actor_id]
-                    if now:                        # a member died (else: it had left)
-                        self._mark_dead(now[0])
+                    self._mark_dead(instances[h])
                     todo += groups[h]
             if todo:
-                self._refresh_instances()
+                self._sync_members()               # a replacement may have joined meanwhile
         return done
 
-    def _swap_in_replacement(self, i: int) -> bool:
+    def _mark_dead(self, actor) -> None:
+        """`actor` died under a call: no more requests go to its rank. The elastic manager
+        (the owner of membership) checks it, drops it from the ledger, has its lenders take
+        their blocks back and replaces it; this driver follows its epoch."""
         import ray
 
-        try:
-            named = ray.get_actor(self.names[i], namespace=NAMESPACE)
-            if named._actor_id == self.instances[i]._actor_id:
-                return False
-            ray.get(named.info.remote(), timeout=10)
-        except Exception:
-            return False
-        self.instances[i] = named
-        return True
-
-    def _refresh_instances(self) -> None:
-        """Pick up instances the controller has replaced since they were found dead."""
-        import ray
-
-        ctrl_dead = set(ray.get(self.controller.stats.remote())["dead"])
-        for i in sorted(self.dead - ctrl_dead):
-            if self._swap_in_replacement(i):
-                self.dead.discard(i)
-
-    def _mark_dead(self, home: int) -> None:
-        """Forget a dead instance: no more requests go there; the others take back what they
-        lent it, and the controller drops it from the ledger. If the controller has already
-        put a replacement under its name, use that instead."""
-        if home in self.dead or self._swap_in_replacement(home):
+        self._sync_members()
+        ranks = [i for i, a in enumerate(self.instances)
+                 if a is not None and a._actor_id == actor._actor_id]
+        if not ranks:                              # it had left, or was replaced already
             return
-        self.dead.add(home)
-        if len(self.dead) == len(self.instances):
-            raise FabricError("every instance of the fabric has died")
-        for i, a in enumerate(self.instances):
-            if i not in self.dead:
-                a.drop_debtor.remote(home)
+        self.dead.add(ranks[0])
         try:
-            self.controller.remove_instance.remote(home)
+            ray.get(self.manager.report_dead.remote(ranks[0], actor._actor_id.hex()),
+                    timeout=CONTROL_TIMEOUT_S)
         except Exception:
             pass
+        if len(self.dead) == len(self.instances):
+            raise FabricError("every instance of the fabric has died")
 
     def stream(self, prompt, *, max_new_tokens: int = 16, temperature: float = 0.0,
                seed: int | None = None, ignore_eos: bool = False, request_id: str | None = None):
@@ -364,7 +369,7 @@ class Fabric:
         instance = self._homes.get(request_id)
         if instance is None:
             return False
-        return ray.get(instance.abort.remote(request_id))
+        return ray.get(instance.abort.remote(request_id), timeout=CONTROL_TIMEOUT_S)
 
     def _pick_home(self, instances: list | None = None) -> int:
         """Round robin over the live instances of `instances` (default: the current list)."""
@@ -391,24 +396,20 @@ class Fabric:
         from ray.exceptions import RayActorError
 
         self._sync_members()
-        if self.dead:
-            self._refresh_instances()
         inst = []
         for i, a in enumerate(self.instances):
             if i in self.dead:
                 continue
             try:
-                inst.append(ray.get(a.stats.remote()))
+                inst.append(ray.get(a.stats.remote(), timeout=CONTROL_TIMEOUT_S))
             except RayActorError:
-                self._mark_dead(i)
-                if i not in self.dead:                   # replaced meanwhile
-                    inst.append(ray.get(self.instances[i].stats.remote()))
-        ctrl = ray.get(self.controller.stats.remote())
+                self._mark_dead(a)
+        ctrl = ray.get(self.controller.stats.remote(), timeout=CONTROL_TIMEOUT_S)
         keys = ("id", "node", "blocks_total", "blocks_free", "blocks_lent", "blocks_borrowed")
         # the instances own the borrow counters (they survive a controller restart)
         lending = {"borrow_events": sum(s["borrow_events"] for s in inst),
                    "blocks_borrowed_total": sum(s["blocks_borrowed_total"] for s in inst)}
-        elastic = ray.get(self.manager.stats.remote())
+        elastic = ray.get(self.manager.stats.remote(), timeout=CONTROL_TIMEOUT_S)
         return {"instances": [{k: s[k] for k in keys} | {"detail": s} for s in inst],
                 "lending": lending, "elastic": elastic,
                 "controller": {"calls": ctrl["calls"]}}
@@ -441,6 +442,8 @@ class Fabric:
         except Exception:
             pass
         for a in self.instances:
+            if a is None:
+                continue
             try:
                 ray.get(a.shutdown.remote(), timeout=10)
             except Exception:

@@ -61,9 +61,12 @@ class InstancesConfig:
     max_num_seqs: int = 32          # requests in one running batch
     max_batch_tokens: int = 256     # tokens per step: prefill is chunked to fit
     num_cpus: float = 1.0           # Ray CPUs each instance actor takes
+    startup_timeout_s: float = 600.0     # from placement on a node to ready (weights, KV pool)
+    max_queued_requests: int = 4096      # waiting requests per instance; more: "queue full"
 
     def validate(self, prefix: str) -> None:
-        for name in ("count", "kv_blocks", "block_size", "max_num_seqs", "max_batch_tokens"):
+        for name in ("count", "kv_blocks", "block_size", "max_num_seqs", "max_batch_tokens",
+                     "startup_timeout_s", "max_queued_requests"):
             _positive(f"{prefix}.{name}", getattr(self, name))
         _one_of(f"{prefix}.device", self.device, DEVICES)
         if self.num_cpus < 0:

@@ -58,7 +58,7 @@ def instance_pids(fab) -> list[int]:
     """PIDs of this fabric's instance actors, from the GCS actor table (needs no dashboard)."""
     from ray._private import state
 
-    names = {f"kvfabric-{fab.name}-instance-{i}" for i in range(len(fab.instances))}
+    names = set(fab.names)
     pids = [a["Pid"] for a in state.actors().values()
             if a["Name"] in names and a["State"] == "ALIVE"]
     assert len(pids) == len(names), f"found {pids} for {sorted(names)}"
