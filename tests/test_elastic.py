@@ -74,9 +74,14 @@ def scale_while_serving(fab, batches, max_new_tokens):
     mid-decode, so requests with KV are surely handed over; their tokens are checked here."""
     long_prompts = prompts(2, seed=99, lo=40, hi=41)
     long_ref = [r.tokens for r in fab.generate(long_prompts, max_new_tokens=150, ignore_eos=True)]
+    # a stream mid-decode when the scale-up starts: its replica switches planes under it
+    up_stream = fab.stream(long_prompts[0], max_new_tokens=150, ignore_eos=True)
+    up_got = [next(up_stream) for _ in range(3)]
     with Load(fab, batches[:2], max_new_tokens) as up_load:
         time.sleep(0.3)
         up = fab.scale(3)
+    up_got += list(up_stream)
+    assert up_got == long_ref[0]
     streams, got = [], []
     for home, p in zip((1, 2), long_prompts):
         fab._next_home = home

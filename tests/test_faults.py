@@ -1,6 +1,7 @@
 """Faults on a real multi-node Ray cluster: a node holding lent KV is removed mid-generation, a
 request's home instance is killed, the controller is killed. No request is lost and the tokens
-equal a fault-free run."""
+equal a fault-free run. The elastic manager (the owner of membership) notices a lost replica
+even when no request touches it, and replaces it when the cluster has room."""
 
 import threading
 import time
@@ -67,38 +68,41 @@ def test_home_killed_and_controller_killed(cluster):
     prompts = [PROMPT, PROMPT[:40], PROMPT[:70]]
     refs = fab.generate(prompts, max_new_tokens=20, ignore_eos=True)
 
-    out = {}
-    worker = threading.Thread(target=lambda: out.update(
+    after_home_kill, after_controller_kill = {}, {}
+    worker = threading.Thread(target=lambda: after_home_kill.update(
         r=fab.generate(prompts, max_new_tokens=20, ignore_eos=True)))
     fab._next_home = 0
     worker.start()
-    assert wait_for(lambda: fab.stats()["instances"][0]["detail"]["num_running"] > 0, 10)
+    assert wait_for(lambda: fab.stats()["instances"][0]["detail"]["num_running"] > 0, 60)
     ray.kill(fab.instances[0])                          # the home of prompts[0]
-    worker.join(120)
-    assert [r.tokens for r in out["r"]] == [r.tokens for r in refs]
+    worker.join(300)
+    assert not worker.is_alive()
+    assert [r.tokens for r in after_home_kill["r"]] == [r.tokens for r in refs]
 
-    worker = threading.Thread(target=lambda: out.update(
+    worker = threading.Thread(target=lambda: after_controller_kill.update(
         r=fab.generate(prompts, max_new_tokens=20, ignore_eos=True)))
     worker.start()
     time.sleep(0.2)
     ray.kill(fab.controller, no_restart=False)          # Ray restarts it; heartbeats rebuild it
-    worker.join(120)
-    assert [r.tokens for r in out["r"]] == [r.tokens for r in refs]
-    assert wait_for(lambda: len(ray.get(fab.controller.stats.remote())["ledger"]["instances"]) == 2)
+    worker.join(300)
+    assert not worker.is_alive()
+    assert [r.tokens for r in after_controller_kill["r"]] == [r.tokens for r in refs]
+    # the two live instances beat to the restarted controller (the killed one has no room)
+    assert wait_for(lambda: len(ray.get(fab.controller.stats.remote())["ledger"]["instances"]) == 2, 60)
     (long,) = fab.generate([PROMPT], max_new_tokens=20, ignore_eos=True)   # borrows again
     assert long.tokens == refs[0].tokens
     fab.shutdown()
 
 
-def test_idle_instance_loss_noticed_by_the_controller(cluster):
+def test_idle_instance_loss_noticed_by_the_manager(cluster):
     c, nodes = cluster
     fab = start(c)
     idle = fab.stats()["instances"][2]
     victim = next(n for n in nodes if n.node_id == idle["node"])
     t0 = time.time()
     c.remove_node(victim)
-    assert wait_for(lambda: idle["id"] in ray.get(fab.controller.stats.remote())["dead"], 20)
-    print(f"controller noticed the loss in {time.time() - t0:.1f} s")
+    assert wait_for(lambda: idle["id"] in fab.stats()["elastic"]["dead"], 120)
+    print(f"the elastic manager noticed the loss in {time.time() - t0:.1f} s")
     ledger = ray.get(fab.controller.stats.remote())["ledger"]
     assert idle["id"] in ledger["removed"]
     assert idle["id"] not in [row["id"] for row in ledger["instances"]]
@@ -115,8 +119,9 @@ def test_dead_instance_is_replaced(cluster):
     victim_stats = fab.stats()["instances"][1]
     victim = next(n for n in c.list_all_nodes() if n.node_id == victim_stats["node"])
     c.remove_node(victim)
-    assert wait_for(lambda: ray.get(fab.controller.stats.remote())["replaced"] == 1, 90)
+    assert wait_for(lambda: fab.stats()["elastic"]["replaced"] == 1, 300)
     stats = fab.stats()
+    assert stats["elastic"]["dead"] == []
     assert len(stats["instances"]) == 3
     assert stats["instances"][1]["node"] != victim_stats["node"]
     fab._next_home = 0
