@@ -220,3 +220,40 @@ def test_policy_scales_out_under_load_and_back_in(local_ray):
         assert fab.stats()["elastic"]["replicas"] == 1
     finally:
         fab.shutdown()
+
+
+def test_manager_and_controller_restarts_keep_the_replica_set(local_ray):
+    """The elastic manager owns membership (a record in the GCS): after a scale event, a
+    restarted controller takes the beats of every current rank, and a restarted manager
+    recovers the replica set (detached: the replicas outlive it) and scales on."""
+    fab = fabric.start(MOE, name="restarts", detached=True)
+    try:
+        (p,) = prompts(1, seed=41, lo=200, hi=201)      # 200 + 40 tokens: 30 blocks > 24 per replica
+        fab.scale(2)
+        (ref,) = fab.generate([p], max_new_tokens=40, ignore_eos=True)
+        names = fab.stats()["elastic"]
+        ray.kill(fab.controller, no_restart=False)
+        assert wait_for(lambda: sorted(r["id"] for r in ray.get(
+            fab.controller.stats.remote())["ledger"]["instances"]) == [0, 1], 60)
+        before = ray.get(fab.manager.members.remote())
+        ray.kill(fab.manager, no_restart=False)
+        assert wait_for(lambda: _members_or_none(fab) is not None, 60)
+        after = ray.get(fab.manager.members.remote())
+        assert after["names"] == before["names"] and after["dead"] == []
+        assert fab.stats()["elastic"]["replicas"] == 2 and names["replicas"] == 2
+        fab._next_home = 0
+        (again,) = fab.generate([p], max_new_tokens=40, ignore_eos=True)
+        assert again.tokens == ref.tokens
+        assert fab.stats()["lending"]["borrow_events"] >= 2      # before and after the restarts
+        event = fab.scale(1)
+        assert (event["from"], event["to"]) == (2, 1)
+        assert [r.tokens for r in fab.generate([p[:20]], max_new_tokens=5)] != []
+    finally:
+        fab.shutdown()
+
+
+def _members_or_none(fab):
+    try:
+        return ray.get(fab.manager.members.remote(), timeout=5)
+    except Exception:
+        return None
