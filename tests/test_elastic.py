@@ -59,7 +59,7 @@ class Load:
             t.join(120)
 
 
-def wait_for(pred, timeout_s=30.0):
+def wait_for(pred, timeout_s=60.0):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if pred():

@@ -42,7 +42,7 @@ def config(path: str, backend: str = "torch", **instances) -> dict:
             "transport": {"backend": backend}}
 
 
-def all_blocks_home(fab, timeout_s: float = 10.0) -> bool:
+def all_blocks_home(fab, timeout_s: float = 60.0) -> bool:
     """Borrowed spares go back to their lenders shortly after the requests finish."""
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
@@ -88,10 +88,11 @@ def test_mixed_concurrent_requests_capacity_and_bad_input(cluster, checkpoint):
         for p, r in zip(prompts, results):
             assert r.tokens == hf_greedy(hf, p, 10)
 
-        t0 = time.perf_counter()
+        steps = [s["detail"]["num_steps"] for s in fab.stats()["instances"]]
         with pytest.raises(fabric.CapacityError):
             fab.generate([prompt_of(2, 3 * BLOCKS * BLOCK)], max_new_tokens=8)
-        assert time.perf_counter() - t0 < 1.0, "CapacityError must come at admission"
+        assert [s["detail"]["num_steps"] for s in fab.stats()["instances"]] == steps, \
+            "CapacityError must come at admission, before any instance works on it"
         for bad, what in [([], "empty"), ([1, 99999], "vocabulary")]:
             with pytest.raises(fabric.RequestError, match=what):
                 fab.generate([bad], max_new_tokens=4)

@@ -32,7 +32,7 @@ def start(c):
     return fabric.start(CONFIG)
 
 
-def wait_for(pred, timeout_s=20.0):
+def wait_for(pred, timeout_s=60.0):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if pred():

@@ -37,9 +37,9 @@ CONFIG = {"instances": {"count": 3, "kv_blocks": KV_BLOCKS, "block_size": BLOCK_
 THREADS = 16
 CALLS_PER_THREAD = 24                # ~2 requests a call: 16 * 24 calls -> 771 requests
 MIN_REQUESTS = 500
-SOAK_LIMIT_S = 180                   # the whole soak; past this the test fails
-STALL_S = 30.0                       # no answer at all for this long while requests wait: stalled
-FREE_WITHIN_S = 5.0                  # every pool fully free this soon after the last answer
+SOAK_LIMIT_S = 600                   # the whole soak; past this it hangs: fail
+STALL_S = 60.0                       # no answer at all for this long while requests wait: stalled
+FREE_WITHIN_S = 60.0                 # every pool fully free by then after the last answer
 RSS_GROWTH_LIMIT_MB = 50.0           # per instance process, warm-up to end (see the test)
 
 # The determinism probes: sent over and over by every thread, beside everything else.
