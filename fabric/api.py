@@ -6,7 +6,6 @@ Imports `ray` lazily: only this module touches it, and only when a fabric starts
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 
 from fabric.config import FabricConfig, load_config
@@ -51,35 +50,29 @@ def _init_ray(address: str | None, cfg: FabricConfig | None) -> bool:
     if address is None:
         num_cpus = max(os.cpu_count() or 1, int(cfg.instances.count * cfg.instances.num_cpus) + 2)
         # address="local": a private cluster, never a `ray start` one that happens to run here
+        before = os.environ.get("RAY_AUTH_MODE")
         ray.init(address="local", num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
+        from fabric import auth
+
+        auth.local_cluster_started(before)   # Ray sets RAY_AUTH_MODE=token here: not the user's
         return True
-    _use_token_auth()
-    try:
+    with _use_token_auth(address):       # FabricError naming the cause when it fails
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-    except Exception as e:
-        hint = ""
-        if os.environ.get("RAY_AUTH_MODE") != "token":
-            hint = (" (a cluster started with `ray start` uses token authentication: run with "
-                    "RAY_AUTH_MODE=token and the token in ~/.ray/auth_token)")
-        raise FabricError(f"could not connect to Ray at {address!r}: {e}{hint}") from None
     return False
 
 
-def _use_token_auth() -> None:
-    """Ray 2.60's `ray start` turns token authentication on; a driver must say so to connect.
-    When a token is present and the user chose nothing, use it (and say so)."""
-    token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    if not os.environ.get("RAY_AUTH_MODE") and (os.path.isfile(token) or os.environ.get("RAY_AUTH_TOKEN")):
-        os.environ["RAY_AUTH_MODE"] = "token"
-        print("kv-fabric: using Ray token authentication (RAY_AUTH_MODE=token)", file=sys.stderr)
+def _use_token_auth(address: str):
+    """Around `ray.init(address)`: Ray's auth mode from the user's RAY_AUTH_MODE or from what
+    the cluster requires, never from a token file merely existing (`fabric/auth.py`)."""
+    from fabric import auth
+
+    return auth.connecting(address)
 
 
 def start(config=None, *, address: str | None = None, name: str | None = None,
           detached: bool = False) -> "Fabric":
-    if address is not None:
-        _use_token_auth()          # before Ray is imported: it reads the mode once
-    import ray
+    import ray                     # the auth mode is chosen in _init_ray, before ray.init
 
     from actors.controller import ControllerActor
     from actors.elastic import ElasticManager
@@ -135,8 +128,7 @@ def _handles(members: dict) -> list:
 
 
 def connect(name: str, *, address: str | None = None) -> "Fabric":
-    _use_token_auth()
-    import ray
+    import ray                     # the auth mode is chosen in _init_ray, before ray.init
 
     if not ray.is_initialized():
         _init_ray(address or "auto", None)

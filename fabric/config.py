@@ -88,7 +88,7 @@ class LendingConfig:
 
 @dataclass(frozen=True)
 class TransportConfig:
-    backend: str = "auto"   # auto = torch.distributed (gloo on CPU, NCCL on GPU)
+    backend: str = "auto"   # auto = torch.distributed over gloo (GPU tensors go through host memory)
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.backend", self.backend, TRANSPORTS)

@@ -39,6 +39,10 @@ def start_head(num_cpus: int = 4) -> dict | str:
     """Start a head; returns its addresses and driver environment, or the reason it failed."""
     if not os.path.exists(RAY):
         return "the ray CLI is not installed beside this Python"
+    if not os.environ.get("RAY_AUTH_TOKEN") and not os.path.isfile(os.environ.get(
+            "RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")):
+        # a fresh machine has no token yet: `ray start` in token mode needs one
+        subprocess.run([RAY, "get-auth-token", "--generate"], capture_output=True, timeout=120)
     temp = tempfile.mkdtemp(prefix="kvhead")
     gcs, client, dash = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
