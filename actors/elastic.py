@@ -116,6 +116,8 @@ class ElasticManager:
         """After a restart (its node died), take the replica set from the record and the weight
         stores by name; replicas that are gone count as dead (the watchdog replaces them); the
         event history starts over."""
+        if not ray.get_runtime_context().was_current_actor_reconstructed:
+            return                 # a new fabric: a record left by an earlier one is stale
         record = self._load_record()
         if not record or not record["names"]:
             return

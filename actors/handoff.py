@@ -16,6 +16,7 @@ Mixed into `InstanceActor`; uses its engine, lock, waiters and peers.
 from __future__ import annotations
 
 import gc
+import logging
 import queue
 import threading
 import time
@@ -29,6 +30,8 @@ from fabric.sequence import SamplingParams, Sequence
 
 STAGED_KV_TTL_S = 300.0   # KV staged for an adopt that never comes is dropped after this
 CONTROL_TIMEOUT_S = 60.0  # Ray calls of the hand-off wait at most this long
+
+log = logging.getLogger(__name__)
 
 
 class HandoffMixin:
@@ -203,21 +206,30 @@ class HandoffMixin:
     def _forward_all(self) -> None:
         live: dict = {}                         # generator -> (request id, waiter)
         while True:
-            block = not live
             try:
-                while True:
-                    req_id, w, gen = self._forward_queue.get(block=block, timeout=None)
-                    live[gen] = (req_id, w)
-                    block = False
-            except queue.Empty:
-                pass
-            ready, _ = ray.wait(list(live), num_returns=1, timeout=0.05)
-            for gen in ready:
-                req_id, w = live[gen]
-                if self._forward_one(req_id, w, gen):
-                    del live[gen]
-                    self.waiters.pop(req_id, None)
-                    self.handed_to.pop(req_id, None)
+                self._forward_round(live)
+            except Exception:                   # never end: callers wait on this thread
+                log.exception("instance %s: forwarding round failed", self.id)
+                time.sleep(0.1)
+
+    def _forward_round(self, live: dict) -> None:
+        """Take newly handed-off requests (wait for one when none is live), then pass on what
+        the ready ones have produced."""
+        block = not live
+        try:
+            while True:
+                req_id, w, gen = self._forward_queue.get(block=block)
+                live[gen] = (req_id, w)
+                block = False
+        except queue.Empty:
+            pass
+        ready, _ = ray.wait(list(live), num_returns=1, timeout=0.05)
+        for gen in ready:
+            req_id, w = live[gen]
+            if self._forward_one(req_id, w, gen):
+                del live[gen]
+                self.waiters.pop(req_id, None)
+                self.handed_to.pop(req_id, None)
 
     def _forward_one(self, req_id: str, w, gen) -> bool:
         """Pass on the next item of `gen`; True once the request has ended."""

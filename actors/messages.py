@@ -118,7 +118,7 @@ def _view(region: torch.Tensor, desc) -> torch.Tensor:
     if not isinstance(desc, list) or len(desc) != 4:
         raise bad
     name, shape, offset, nbytes = desc
-    if name not in _DTYPES or not isinstance(shape, list) or not all(
+    if not isinstance(name, str) or name not in _DTYPES or not isinstance(shape, list) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in [*shape, offset, nbytes]):
         raise bad
     itemsize = torch.empty(0, dtype=_DTYPES[name]).element_size()
