@@ -41,7 +41,7 @@ def make_plan(args) -> Plan:
     batch = args.batch or (32 if cuda else 4 if args.quick else 8)
     contexts = tuple((c, batch) for c in args.contexts)
     if cuda and not args.quick and args.contexts == CONTEXTS:
-        contexts += ((65536, max(1, batch // 4)),)    # DESIGN section 8's long-context point
+        contexts += ((65536, max(1, batch // 4)),)    # the 64k target, docs/performance.md
     return Plan(torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32,
                 "triton" if cuda else "torch", batch, contexts,
                 reps=(20 if cuda else 3) if args.quick else (50 if cuda else 5))

@@ -1,4 +1,4 @@
-"""Per-step metadata, built once by the scheduler and read by every layer (STYLE habit 4).
+"""Per-step metadata, built once per step (`Engine.step`) and read by every layer.
 
 For each instance that holds KV of this step's requests (the home, and creditors), a `Shard`
 says which query tokens attend there, over which physical blocks, how many of those blocks'

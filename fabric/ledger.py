@@ -1,4 +1,5 @@
-"""The gManager's logic: the global debt ledger built from instance heartbeats (DESIGN section 4).
+"""The gManager's logic: the global debt ledger built from instance heartbeats (the controller's
+side of lending; see docs/architecture.md).
 
 The controller actor hosts one `Ledger`; it is never on the per-token path. The ledger is
 *advisory*: each instance's rManager owns its books and is the authority on what it may lend

@@ -1,4 +1,4 @@
-"""Typed control messages between instances and the controller (STYLE habit 8).
+"""Typed control messages between instances and the controller.
 
 Every message is a frozen dataclass with `to_dict()` (plain values: int, float, str, bool, lists,
 dicts with int keys) and `from_dict()`, which validates strictly: missing or extra fields and

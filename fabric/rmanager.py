@@ -1,4 +1,4 @@
-"""rManager: the KV block books of one instance (DESIGN section 4).
+"""rManager: the KV block books of one instance (see docs/architecture.md).
 
 It owns the block table of every request homed here (entries local or on creditors), the blocks
 it *lent* (held here for other instances' requests) and the blocks it *borrowed* (held for it

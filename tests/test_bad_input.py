@@ -473,6 +473,8 @@ def test_data_plane_wrong_envelope_length():
     [["float32", [-2], 0, 8]],                 # negative dimension
     [["float32", "ab", 0, 8]],                 # shape not a list
     [["float32", [2], "0", 8]],                # offset not an integer
+    [[["float32"], [2], 0, 8]],                # dtype name not a string (unhashable)
+    [[{"a": 1}, [2], 0, 8]],
 ])
 def test_data_plane_bad_tensor_description(descs):
     with pytest.raises(WireError):

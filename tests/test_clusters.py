@@ -326,11 +326,12 @@ def test_fake_cluster_head_up_then_autoscaler_adds_a_worker(fake_cluster):
         nodes_before = [n for n in ray.nodes() if n["Alive"]]
         t0 = time.monotonic()
         request_resources(num_cpus=2)
-        while time.monotonic() - t0 < {SCALE_UP_TIMEOUT_S}:
+        scaled = False
+        while not scaled and time.monotonic() - t0 < {SCALE_UP_TIMEOUT_S}:   # a hang guard
             alive = [n for n in ray.nodes() if n["Alive"]]
-            if len(alive) >= 2 and ray.cluster_resources().get("CPU", 0) >= 2:
-                break
-            time.sleep(0.5)
+            scaled = len(alive) >= 2 and ray.cluster_resources().get("CPU", 0) >= 2
+            if not scaled:
+                time.sleep(0.5)
         scale_up_s = time.monotonic() - t0
 
         @ray.remote(num_cpus=1)
@@ -341,7 +342,7 @@ def test_fake_cluster_head_up_then_autoscaler_adds_a_worker(fake_cluster):
         placed = ray.get([where.remote() for _ in range(2)], timeout=60)
         print(json.dumps({{
             "before": before, "nodes_before": len(nodes_before),
-            "after": ray.cluster_resources(), "scale_up_s": scale_up_s,
+            "after": ray.cluster_resources(), "scaled": scaled, "scale_up_s": scale_up_s,
             "node_ips": sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]),
             "placed_on": sorted(set(placed)),
         }}))
@@ -351,8 +352,10 @@ def test_fake_cluster_head_up_then_autoscaler_adds_a_worker(fake_cluster):
     assert result["nodes_before"] == 1
     assert result["before"]["CPU"] == 1
     assert "node:__internal_head__" in result["before"]
-    # The fake autoscaler added a 1-CPU worker within the bound, and it runs tasks.
-    assert result["scale_up_s"] < SCALE_UP_TIMEOUT_S
+    # The fake autoscaler added a 1-CPU worker, and it runs tasks (how long it took is reported,
+    # not judged: the polling deadline only stops a run that never scales).
+    print(f"fake autoscaler scale-up: {result['scale_up_s']:.1f} s")
+    assert result["scaled"], "the fake autoscaler never added the worker"
     assert result["after"]["CPU"] == 2
     assert result["node_ips"] == ["127.0.0.1", "127.0.0.1"]
     assert len(result["placed_on"]) == 2
