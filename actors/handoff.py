@@ -148,9 +148,17 @@ class HandoffMixin:
         return state, k, v
 
     def _read_lent_from(self, creditor: int, ids: list[int]):
-        """Blocks `creditor` holds for this instance, over the data plane."""
-        _, (k, v) = self.transport.call(creditor, {"op": "kv_read"}, [torch.tensor(ids)])
-        return k, v
+        """Blocks `creditor` holds for this instance, over the data plane (in messages of at
+        most `transport.max_message_bytes`)."""
+        parts = [self.transport.call(creditor, {"op": "kv_read"}, [torch.tensor(chunk)])[1]
+                 for chunk in _chunks(ids, self._blocks_per_message())]
+        return torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
+
+    def _blocks_per_message(self) -> int:
+        """KV blocks that fit in one data-plane message (k and v, all layers, with room for the
+        envelope)."""
+        room = self.transport.max_message_bytes - 4096
+        return max(1, room // self.engine.kv.bytes_per_block)
 
     def serve_kv(self, src: int, meta: dict, tensors: list):
         """Data-plane side of a handoff: `kv_read` returns blocks lent to `src`; `kv_stage`
@@ -161,12 +169,14 @@ class HandoffMixin:
                 raise ValueError(f"instance {src} asked for blocks it did not borrow here")
             k, v = self.engine.kv.read_blocks(ids)
             return {}, [k, v]
-        k, v = tensors
+        k, v = tensors                          # blocks [first, first + n) of the request's KV
         staged = self.__dict__.setdefault("staged_kv", {})
         now = time.monotonic()
-        for req in [r for r, (_, _, at) in staged.items() if now - at > STAGED_KV_TTL_S]:
+        for req in [r for r, entry in staged.items() if now - entry["at"] > STAGED_KV_TTL_S]:
             del staged[req]                     # its adopt never came: free the memory
-        staged[str(meta["req"])] = (k, v, now)
+        entry = staged.setdefault(str(meta["req"]), {"parts": {}, "total": int(meta["total"])})
+        entry["parts"][int(meta["first"])] = (k, v)
+        entry["at"] = now
         return {}, []
 
     def _pick_target(self, num_blocks: int) -> int:
@@ -185,7 +195,11 @@ class HandoffMixin:
         i = self._pick_target(0 if k is None else k.shape[1])
         rank, target = self.handoff_targets[i]
         if k is not None:
-            self.transport.call(rank, {"op": "kv_stage", "req": state["id"]}, [k, v])
+            step, total = self._blocks_per_message(), k.shape[1]
+            for first in range(0, total, step):
+                self.transport.call(rank, {"op": "kv_stage", "req": state["id"], "first": first,
+                                           "total": total},
+                                    [k[:, first:first + step], v[:, first:first + step]])
             state = state | {"staged": True}
         gen = target.adopt.options(num_returns="streaming").remote(state, None, None)
         info = ray.get(next(gen), timeout=CONTROL_TIMEOUT_S)
@@ -282,7 +296,7 @@ class HandoffMixin:
 
     def _adopt(self, state: dict, k, v, w) -> dict:
         if state.get("staged"):
-            k, v, _ = self.__dict__.get("staged_kv", {}).pop(state["id"], (None, None, None))
+            k, v = _assemble(self.__dict__.get("staged_kv", {}).pop(state["id"], None))
         if self.draining or self.stopped:
             raise FabricError(f"instance {self.id} is leaving: it adopts no request")
         seq = _sequence_of(state)
@@ -386,6 +400,23 @@ class HandoffMixin:
                 flat = p.detach().reshape(-1)
                 flat[:: max(1, 4096 // flat.element_size())].sum()   # one element per page
         return time.perf_counter() - t0
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def _assemble(entry: dict | None):
+    """A staged request's KV from its parts, in block order; (None, None) when any is missing
+    (the request is then recomputed, never served with holes)."""
+    if entry is None:
+        return None, None
+    parts = [entry["parts"][first] for first in sorted(entry["parts"])]
+    k = torch.cat([p[0] for p in parts], dim=1)
+    v = torch.cat([p[1] for p in parts], dim=1)
+    if k.shape[1] != entry["total"]:
+        return None, None
+    return k, v
 
 
 def _state_of(seq: Sequence) -> dict:

@@ -176,7 +176,8 @@ class InstanceActor(HandoffMixin, TransportHost):
         """Join the fabric's data plane (all instances call this concurrently)."""
         self.peers = peers
         self.engine.max_request_blocks = max_request_blocks
-        self.setup_transport(self.id, world_size, master_addr, master_port, backend, peers)
+        self.setup_transport(self.id, world_size, master_addr, master_port, backend, peers,
+                                 **self._transport_options(backend))
         self.engine.remote = TransportPartials(self.transport)
         if self.cfg.lending.enabled:
             self.engine.rm.release_fn = self._release
@@ -187,6 +188,13 @@ class InstanceActor(HandoffMixin, TransportHost):
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         return True
 
+    def _transport_options(self, backend: str) -> dict:
+        cap = self.cfg.transport.max_message_bytes
+        options = {"max_message_bytes": cap}
+        if backend == "torch":                      # frames never larger than a message
+            options["inline_bytes"] = min(1 << 20, cap)
+        return options
+
     def reconnect(self, world_size: int, master_addr: str, master_port: int, backend: str,
                   peers: list, max_request_blocks: int) -> bool:
         """Rejoin a rebuilt data plane (a replacement instance joined): between two steps, the
@@ -196,7 +204,8 @@ class InstanceActor(HandoffMixin, TransportHost):
             with self.lock:
                 self.peers = peers
                 self.engine.max_request_blocks = max_request_blocks
-                self.setup_transport(self.id, world_size, master_addr, master_port, backend, peers)
+                self.setup_transport(self.id, world_size, master_addr, master_port, backend, peers,
+                                 **self._transport_options(backend))
                 self.engine.remote = TransportPartials(self.transport)
                 self.dead_peers.clear()
         finally:
@@ -208,7 +217,8 @@ class InstanceActor(HandoffMixin, TransportHost):
     def prepare(self, world_size: int, master_addr: str, master_port: int, backend: str,
                 peers: list, max_request_blocks: int) -> bool:
         """Join the next data plane (members changed) while still serving on the current one."""
-        self.prepare_transport(self.id, world_size, master_addr, master_port, backend, peers)
+        self.prepare_transport(self.id, world_size, master_addr, master_port, backend, peers,
+                               **self._transport_options(backend))
         self._next_plane = (list(peers), max_request_blocks)
         return True
 

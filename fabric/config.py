@@ -89,9 +89,13 @@ class LendingConfig:
 @dataclass(frozen=True)
 class TransportConfig:
     backend: str = "auto"   # auto = torch.distributed over gloo (GPU tensors go through host memory)
+    max_message_bytes: int = 256 << 20   # largest data-plane message; bulk KV moves are chunked
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.backend", self.backend, TRANSPORTS)
+        if self.max_message_bytes < 16 << 10:
+            raise ConfigError(f"{prefix}.max_message_bytes must be >= 16384, got "
+                              f"{self.max_message_bytes}")
 
 
 @dataclass(frozen=True)
