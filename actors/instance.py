@@ -177,7 +177,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.peers = peers
         self.engine.max_request_blocks = max_request_blocks
         self.setup_transport(self.id, world_size, master_addr, master_port, backend, peers,
-                                 **self._transport_options(backend))
+                             **self._transport_options(backend))
         self.engine.remote = TransportPartials(self.transport)
         if self.cfg.lending.enabled:
             self.engine.rm.release_fn = self._release
@@ -204,8 +204,8 @@ class InstanceActor(HandoffMixin, TransportHost):
             with self.lock:
                 self.peers = peers
                 self.engine.max_request_blocks = max_request_blocks
-                self.setup_transport(self.id, world_size, master_addr, master_port, backend, peers,
-                                 **self._transport_options(backend))
+                self.setup_transport(self.id, world_size, master_addr, master_port, backend,
+                                     peers, **self._transport_options(backend))
                 self.engine.remote = TransportPartials(self.transport)
                 self.dead_peers.clear()
         finally:
@@ -414,6 +414,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                    if any(r.instance in peers for r in rm.tables.get(s.req_id, ()))]
             for req_id in hit:
                 self.engine.abort(req_id)
+            rm.release_spares(keep=max(0, self.engine.scheduler.num_blocks_wanted() - rm.num_free))
         for req_id in hit:
             w = self.waiters.pop(req_id, None)
             if w is not None:
