@@ -266,8 +266,7 @@ class HandoffMixin:
     def _forward_fresh(self, r: dict, w):
         """A request that reached this instance after it started leaving: run it elsewhere."""
         try:
-            params = SamplingParams(r.get("max_new_tokens", 16), r.get("temperature", 0.0),
-                                    r.get("seed"), r.get("ignore_eos", False))
+            params = SamplingParams.from_request(r)
             self.waiters[r["id"]] = w
             self._handoff(_fresh_state(r["id"], r["prompt"], params), None, None, w)
         except Exception as e:
@@ -300,6 +299,7 @@ class HandoffMixin:
         if self.draining or self.stopped:
             raise FabricError(f"instance {self.id} is leaving: it adopts no request")
         seq = _sequence_of(state)
+        self.engine.attach_detokenizer(seq, state.get("detok"))
         with self.lock:
             if seq.num_computed == 0:
                 self.engine.validate(seq.prompt, seq.params)   # new here: checked as on admission
@@ -423,8 +423,7 @@ def _state_of(seq: Sequence) -> dict:
     now = time.perf_counter()
     gen = seq.generator
     return {"id": seq.req_id, "prompt": list(seq.prompt), "output": list(seq.output),
-            "max_new_tokens": seq.params.max_new_tokens, "temperature": seq.params.temperature,
-            "seed": seq.params.seed, "ignore_eos": seq.params.ignore_eos,
+            **seq.params.to_request(), "detok": seq.detok.state() if seq.detok else None,
             "num_computed": seq.num_computed, "num_preemptions": seq.num_preemptions,
             "age_s": now - seq.arrival,
             "first_token_age_s": None if seq.first_token_at is None else now - seq.first_token_at,
@@ -432,16 +431,13 @@ def _state_of(seq: Sequence) -> dict:
 
 
 def _fresh_state(req_id: str, prompt: list[int], params: SamplingParams) -> dict:
-    return {"id": req_id, "prompt": list(prompt), "output": [],
-            "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-            "seed": params.seed, "ignore_eos": params.ignore_eos, "num_computed": 0,
-            "num_preemptions": 0, "age_s": 0.0, "first_token_age_s": None, "generator": None}
+    return {"id": req_id, "prompt": list(prompt), "output": [], **params.to_request(),
+            "detok": None, "num_computed": 0, "num_preemptions": 0, "age_s": 0.0, "first_token_age_s": None, "generator": None}
 
 
 def _sequence_of(state: dict) -> Sequence:
     now = time.perf_counter()
-    params = SamplingParams(state["max_new_tokens"], state["temperature"], state["seed"],
-                            state["ignore_eos"])
+    params = SamplingParams.from_request(state)
     seq = Sequence(state["id"], list(state["prompt"]), params, output=list(state["output"]),
                    num_computed=state["num_computed"], num_preemptions=state["num_preemptions"])
     seq.arrival = now - state["age_s"]

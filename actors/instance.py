@@ -70,6 +70,8 @@ class InstanceActor(HandoffMixin, TransportHost):
             time.sleep(delay)
         self.weights: dict = {}
         self.engine = self._build_engine()
+        self._phase("loading the tokenizer")
+        self._attach_tokenizer()
         self._phase("starting its threads")
         self.metrics = InstanceMetrics(instance_id, fabric_name)
         self.lock = threading.RLock()
@@ -104,6 +106,16 @@ class InstanceActor(HandoffMixin, TransportHost):
         self._faults: dict[str, int] = {}     # injected faults (tests): point -> times left
         self.lifetime = threading.Event()     # set when the instance stops
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
+
+    def _attach_tokenizer(self) -> None:
+        """The checkpoint's tokenizer (text of each output: stop strings, streamed text) and
+        the ids that end generation."""
+        from fabric import tokenizer as tok
+
+        if self.cfg.model.path is None and self.cfg.model.preset in ("tiny-llama", "tiny-moe"):
+            self.engine.tokenizer = tok.ByteTokenizer(self.engine.args.vocab_size)
+        else:       # TODO(wire): the checkpoint's tokenizer and generation config
+            self.engine.tokenizer = None
 
     def _phase(self, what: str) -> None:
         """Tell the elastic manager what start-up is doing (named in a start-up timeout)."""
@@ -276,7 +288,8 @@ class InstanceActor(HandoffMixin, TransportHost):
         if w is None:
             return False
         w.done(id=req_id, tokens=list(seq.output) if seq else [], finish_reason="abort",
-               metrics=seq.metrics() if seq else {}, home=self.id)
+               metrics=seq.metrics() if seq else {}, home=self.id,
+               **(_text_of(seq) if seq else {}))
         return True
 
     def _enqueue(self, r: dict, stream: bool) -> "_Waiter":
@@ -291,8 +304,7 @@ class InstanceActor(HandoffMixin, TransportHost):
             if self.unhealthy is not None:
                 raise FabricError(f"instance {self.id} is unhealthy ({self.unhealthy}): it "
                                   f"takes no requests until it is replaced")
-            params = SamplingParams(r.get("max_new_tokens", 16), r.get("temperature", 0.0),
-                                    r.get("seed"), r.get("ignore_eos", False))
+            params = SamplingParams.from_request(r)
             self.engine.validate(r["prompt"], params)
             if r["id"] in self.waiters:
                 raise RequestError(f"request id {r['id']!r} is already running here")
@@ -366,8 +378,8 @@ class InstanceActor(HandoffMixin, TransportHost):
             self.wake.clear()
         for seq, tok in new:
             w = self.waiters.get(seq.req_id)
-            if w is not None and w.tokens is not None:
-                w.tokens.put(tok)
+            if w is not None and w.tokens is not None:     # [token, new text]
+                w.tokens.put([tok, seq.detok.take_delta(seq.is_finished) if seq.detok else ""])
         for seq in finished:
             self._finish(seq)
 
@@ -514,7 +526,7 @@ class InstanceActor(HandoffMixin, TransportHost):
             return
         m = seq.metrics()
         w.done(id=seq.req_id, tokens=list(seq.output), finish_reason=seq.finish_reason,
-               metrics=m, home=self.id)
+               metrics=m, home=self.id, **_text_of(seq))
         self.metrics.observe_request(m["ttft_s"], m["tpot_s"])
         self.recent_ttft = [*self.recent_ttft[-255:], (time.monotonic(), m["ttft_s"])]
 
@@ -703,6 +715,11 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.wake.set()
         if self.transport is not None:
             self.transport.close()
+
+
+def _text_of(seq) -> dict:
+    """The output text of a finished request, when the instance detokenizes."""
+    return {"text": seq.detok.text} if seq.detok is not None else {}
 
 
 class _Waiter:

@@ -18,7 +18,20 @@ from fabric.tokenizer import ByteTokenizer
 
 NAMESPACE = "kv-fabric"
 CONTROL_TIMEOUT_S = 60.0    # every control call of the driver waits at most this long
-REQUEST_KEYS = {"id", "prompt", "max_new_tokens", "temperature", "seed", "ignore_eos"}
+SAMPLING_KEYS = {"max_new_tokens", "temperature", "seed", "ignore_eos", "top_p", "top_k", "stop",
+                 "stop_token_ids"}
+REQUEST_KEYS = {"id", "prompt", "messages"} | SAMPLING_KEYS
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _text_content(index: int, content) -> str:
+    """A message's content: a string, or OpenAI-style parts of type "text"."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise RequestError(f"message {index}: content must be a string (or a list of text parts)")
 
 
 def _request_id(req) -> str:
@@ -211,22 +224,63 @@ class Fabric:
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompts, *, max_new_tokens: int = 16, temperature: float = 0.0,
-                 seed: int | None = None, ignore_eos: bool = False,
-                 errors: str = "raise") -> list[Result]:
+                 seed: int | None = None, ignore_eos: bool = False, errors: str = "raise",
+                 **sampling) -> list[Result]:
         """Generate for each prompt (token ids or text). Greedy when temperature is 0.
+        `sampling`: top_p, top_k, stop (strings, cut from the text), stop_token_ids.
 
         errors="raise": every request is checked before any work starts; a bad one raises
         `RequestError` (`CapacityError` if it cannot fit in the whole fabric) and nothing runs.
         errors="return": a bad request comes back as a `Result` with `error` set; the rest run."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
             raise RequestError("prompts must be a list of prompts (token-id lists or strings)")
-        return self.submit([{"prompt": p, "max_new_tokens": max_new_tokens,
-                             "temperature": temperature, "seed": seed, "ignore_eos": ignore_eos}
-                            for p in prompts], errors=errors)
+        settings = self._settings(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  seed=seed, ignore_eos=ignore_eos, **sampling)
+        return self.submit([{"prompt": p, **settings} for p in prompts], errors=errors)
+
+    def chat(self, conversations, *, max_new_tokens: int = 16, temperature: float = 0.0,
+             errors: str = "raise", **sampling) -> list[Result]:
+        """Answer each conversation (a list of {"role", "content"} messages, rendered with the
+        checkpoint's chat template and its generation prompt). Settings as for `generate`."""
+        if not isinstance(conversations, (list, tuple)) or (
+                conversations and isinstance(conversations[0], dict)):
+            raise RequestError("conversations must be a list of conversations, each a list of "
+                               "{'role', 'content'} messages")
+        settings = self._settings(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  **sampling)
+        return self.submit([{"messages": c, **settings} for c in conversations], errors=errors)
+
+    @staticmethod
+    def _settings(**settings) -> dict:
+        unknown = sorted(set(settings) - SAMPLING_KEYS)
+        if unknown:
+            raise RequestError(f"unknown setting {unknown[0]!r} (known: {sorted(SAMPLING_KEYS)})")
+        return settings
+
+    def render_chat(self, messages) -> list[int]:
+        """The prompt token ids of a conversation, by the checkpoint's chat template."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise RequestError("this checkpoint has no chat template: send a prompt instead")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise RequestError("messages must be a non-empty list of {'role', 'content'} messages")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise RequestError(f"message {i} must be a mapping with 'role' and 'content'")
+            if m["role"] not in CHAT_ROLES:
+                raise RequestError(f"message {i}: unknown role {m['role']!r} (known: "
+                                   f"{list(CHAT_ROLES)})")
+            clean.append({"role": m["role"], "content": _text_content(i, m["content"])})
+        text = self.tokenizer.apply_chat_template(clean, add_generation_prompt=True,
+                                                  tokenize=False)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def submit(self, requests: list[dict], *, errors: str = "raise") -> list[Result]:
-        """Run requests with their own settings: each a dict with `prompt` and optionally `id`,
-        `max_new_tokens` (16), `temperature` (0.0), `seed`, `ignore_eos` (False)."""
+        """Run requests with their own settings: each a dict with `prompt` (token ids or text)
+        or `messages` (a conversation), and optionally `id`, `max_new_tokens` (16),
+        `temperature` (0.0), `seed`, `ignore_eos` (False), `top_p` (1.0), `top_k` (0: off),
+        `stop` (strings), `stop_token_ids`."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         if not isinstance(requests, (list, tuple)):
@@ -262,23 +316,26 @@ class Fabric:
         if unknown:
             raise RequestError(f"request {index}: unknown field {unknown[0]!r}")
         prompt = req.get("prompt")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError(f"prompt {index} is text but the checkpoint has no tokenizer")
-            prompt = list(self.tokenizer.encode(prompt))
-        params = SamplingParams(req.get("max_new_tokens", 16), req.get("temperature", 0.0),
-                                req.get("seed"), req.get("ignore_eos", False))
-        seed = params.seed
+        params = SamplingParams.from_request(req)
         try:
+            if "messages" in req:
+                if prompt is not None:
+                    raise RequestError("give either prompt or messages, not both")
+                prompt = self.render_chat(req["messages"])
+            elif isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise RequestError("the prompt is text but the checkpoint has no tokenizer")
+                prompt = list(self.tokenizer.encode(prompt))
             if prompt is None:
                 raise RequestError("prompt is missing")
             check_request(prompt, params, self.vocab_size, self.max_positions)
+            if params.stop and self.tokenizer is None:
+                raise RequestError("stop strings need a tokenizer, and this checkpoint has none")
             check_capacity(len(prompt) + params.max_new_tokens, self.block_size, self.max_request_blocks)
         except FabricError as e:
             raise type(e)(f"prompt {index}: {e}") from None
-        return {"id": _request_id(req), "prompt": list(prompt), "max_new_tokens": params.max_new_tokens,
-                "temperature": float(params.temperature), "seed": seed,
-                "ignore_eos": params.ignore_eos}
+        return {"id": _request_id(req), "prompt": list(prompt), **params.to_request(),
+                "temperature": float(params.temperature)}
 
     def _run(self, reqs: list[dict]) -> dict[str, dict]:
         """Spread `reqs` over live instances and wait. A request whose home dies is resubmitted
@@ -325,16 +382,24 @@ class Fabric:
         if len(self.dead) == len(self.instances):
             raise FabricError("every instance of the fabric has died")
 
-    def stream(self, prompt, *, max_new_tokens: int = 16, temperature: float = 0.0,
-               seed: int | None = None, ignore_eos: bool = False, request_id: str | None = None):
-        """Yield generated token ids one by one as the fabric makes them. Leaving the loop early
-        (break, exception, garbage collection) cancels the request and frees its blocks."""
+    def stream(self, prompt=None, *, messages=None, max_new_tokens: int = 16,
+               temperature: float = 0.0, seed: int | None = None, ignore_eos: bool = False,
+               request_id: str | None = None, output: str = "tokens", **sampling):
+        """Yield the output as the fabric makes it: token ids (`output="tokens"`), text deltas
+        (`"text"`: decoded incrementally on the instance, whole characters only, never text a
+        stop string later cuts), or `"events"`: {"token", "text"} per token, then one final
+        {"finish_reason", "tokens", "text", "metrics", "num_prompt_tokens"}. Give a `prompt`
+        or a conversation (`messages`). Leaving the loop early (break, exception, garbage
+        collection) cancels the request and frees its blocks."""
         import ray
 
+        if output not in ("tokens", "text", "events"):
+            raise ValueError(f"output must be 'tokens', 'text' or 'events', got {output!r}")
         self._sync_members()
-        req = self._request(0, {"prompt": prompt, "max_new_tokens": max_new_tokens,
-                                "temperature": temperature, "seed": seed,
-                                "ignore_eos": ignore_eos, "id": request_id})
+        body = {"messages": messages} if messages is not None else {"prompt": prompt}
+        req = self._request(0, body | self._settings(
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+            ignore_eos=ignore_eos, **sampling) | {"id": request_id})
         instances = self.instances
         instance = instances[self._pick_home(instances)]
         self._homes[req["id"]] = instance
@@ -347,8 +412,19 @@ class Fabric:
                     finished = True
                     if "error" in item:
                         raise _error_class(item["error_type"])(item["error"])
+                    if output == "events":
+                        res = self._result(item)
+                        yield {"finish_reason": res.finish_reason, "tokens": res.tokens,
+                               "text": res.text, "metrics": res.metrics,
+                               "num_prompt_tokens": len(req["prompt"])}
                     return
-                yield item
+                tok, delta = item
+                if output == "tokens":
+                    yield tok
+                elif output == "events":
+                    yield {"token": tok, "text": delta}
+                elif delta:
+                    yield delta
         finally:
             self._homes.pop(req["id"], None)
             if not finished:
@@ -377,7 +453,9 @@ class Fabric:
         if "error" in d:
             return Result([], finish_reason="error", request_id=d["id"], error=d["error"],
                           error_type=d["error_type"])
-        text = self.tokenizer.decode(d["tokens"]) if self.tokenizer is not None else ""
+        text = d.get("text")                  # decoded on the instance (stop strings cut)
+        if text is None:
+            text = self.tokenizer.decode(d["tokens"]) if self.tokenizer is not None else ""
         return Result(tokens=d["tokens"], text=text, finish_reason=d["finish_reason"],
                       metrics=d["metrics"], request_id=d["id"], home=d["home"])
 

@@ -11,6 +11,7 @@ import time
 
 
 from fabric.context import SeqChunk, build_context
+from fabric.detokenize import Detokenizer
 from fabric.distattn import DistAttention, RemotePartials
 from fabric.errors import CapacityError, RequestError
 from fabric.kv_cache import KVCache
@@ -37,6 +38,10 @@ class Engine:
         self.scale = args.head_dim ** -0.5
         self.remote: RemotePartials | None = None
         self.max_request_blocks = kv_blocks      # the fabric raises it to what lending allows
+        # the hosting actor sets these from the checkpoint: text of each output (stop strings,
+        # streamed text) and the ids that end generation (the generation config's EOS)
+        self.tokenizer = None
+        self.eos_token_ids: set[int] = {args.eos_token_id} if args.eos_token_id is not None else set()
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.num_generated = 0
@@ -46,6 +51,8 @@ class Engine:
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise `RequestError` / `CapacityError` for a request that must not be admitted."""
         check_request(prompt, params, self.args.vocab_size, self.args.max_position_embeddings)
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer, and this checkpoint has none")
         check_capacity(len(prompt) + params.max_new_tokens, self.rm.block_size, self.max_request_blocks)
 
     def add_request(self, prompt: list[int], params: SamplingParams, req_id: str | None = None) -> str:
@@ -54,9 +61,17 @@ class Engine:
         if req_id in self.seqs:
             raise RequestError(f"request id {req_id!r} is already in use")
         seq = Sequence(req_id, list(prompt), params)
+        self.attach_detokenizer(seq)
         self.seqs[req_id] = seq
         self.scheduler.add(seq)
         return req_id
+
+    def attach_detokenizer(self, seq: Sequence, state: dict | None = None) -> None:
+        """Give `seq` its incremental detokenizer (`state`: where a hand-off left it)."""
+        if self.tokenizer is not None:
+            seq.detok = Detokenizer(self.tokenizer, len(seq.prompt), seq.params.stop)
+            if state:
+                seq.detok.restore(state)
 
     def abort(self, req_id: str) -> None:
         seq = self.seqs.pop(req_id, None)
@@ -103,7 +118,9 @@ class Engine:
         return new, finished
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
-        if not seq.params.ignore_eos and tok == self.args.eos_token_id:
+        stopped = seq.detok is not None and seq.detok.step(seq.tokens)
+        if stopped or tok in seq.params.stop_token_ids or \
+                (not seq.params.ignore_eos and tok in self.eos_token_ids):
             return "stop"
         if len(seq.output) >= seq.params.max_new_tokens:
             return "length"
@@ -144,6 +161,28 @@ def check_request(prompt, params: SamplingParams, vocab_size: int, max_positions
     t = params.temperature
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or t != t or t == float("inf"):
         raise RequestError(f"temperature must be a finite number >= 0, got {t!r}")
+    check_filters(params, vocab_size)
+
+
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+
+
+def check_filters(params: SamplingParams, vocab_size: int) -> None:
+    """top_p, top_k, stop strings and stop token ids of a request."""
+    p, k = params.top_p, params.top_k
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+        raise RequestError(f"top_p must be a number in (0, 1], got {p!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < -1:
+        raise RequestError(f"top_k must be an integer >= 0 (0 or -1: off), got {k!r}")
+    if len(params.stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(params.stop)}")
+    for s in params.stop:
+        if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS:
+            raise RequestError(f"stop strings must be non-empty strings of at most "
+                               f"{MAX_STOP_CHARS} characters, got {s!r}")
+    for t in params.stop_token_ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise RequestError(f"stop token id {t!r} is not an id of the vocabulary ({vocab_size})")
 
 
 def check_capacity(num_tokens: int, block_size: int, max_blocks: int) -> None:

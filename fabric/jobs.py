@@ -1,7 +1,8 @@
 """Batch jobs: `python -m fabric run` reads JSONL requests and writes JSONL results.
 
-Input, one JSON object a line: {"id", "prompt": [ids] or "text", "max_new_tokens",
-"temperature", "seed", "ignore_eos"}; only `prompt` is required. Output, one line per input
+Input, one JSON object a line: {"id", "prompt": [ids] or "text" (or "messages": a conversation),
+"max_new_tokens", "temperature", "seed", "ignore_eos", "top_p", "top_k", "stop",
+"stop_token_ids"}; only `prompt` (or `messages`) is required. Output, one line per input
 line: {"id", "tokens", "text", "finish_reason", "metrics"}, or {"id", "line", "error",
 "error_type"} for a line that failed (1-based `line`). A line without an id gets "line-<n>".
 
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 
 from fabric.result import Result
 
-REQUEST_FIELDS = ("id", "prompt", "max_new_tokens", "temperature", "seed", "ignore_eos")
+REQUEST_FIELDS = ("id", "prompt", "messages", "max_new_tokens", "temperature", "seed",
+                  "ignore_eos", "top_p", "top_k", "stop", "stop_token_ids")
 INVALID_LINE = "InvalidLine"        # error_type of a line that is not a well-typed request
 IN_FLIGHT = 2                       # batches submitted at once: the next runs while one drains
 
@@ -77,11 +79,16 @@ def check_fields(obj) -> dict:
     unknown = sorted(set(obj) - set(REQUEST_FIELDS))
     if unknown:
         raise LineError(f"unknown field {unknown[0]!r} (allowed: {', '.join(REQUEST_FIELDS)})")
-    if "prompt" not in obj or obj["prompt"] is None:
+    if obj.get("messages") is not None:
+        if not isinstance(obj["messages"], list):
+            raise LineError("messages must be a list of {\"role\", \"content\"} objects")
+    elif "prompt" not in obj or obj["prompt"] is None:
         raise LineError("prompt is missing")
-    prompt = obj["prompt"]
-    if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(map(_is_int, prompt))):
-        raise LineError("prompt must be a string or a list of integer token ids")
+    else:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str) and not (isinstance(prompt, list)
+                                                and all(map(_is_int, prompt))):
+            raise LineError("prompt must be a string or a list of integer token ids")
     _check_type(obj, "max_new_tokens", _is_int, "an integer")
     _check_type(obj, "temperature", lambda t: _is_int(t) or isinstance(t, float), "a number")
     _check_type(obj, "seed", lambda s: s is None or _is_int(s), "an integer or null")

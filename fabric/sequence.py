@@ -14,6 +14,30 @@ class SamplingParams:
     temperature: float = 0.0
     seed: int | None = None
     ignore_eos: bool = False
+    top_p: float = 1.0                   # nucleus sampling; 1 = off
+    top_k: int = 0                       # keep the k most likely tokens; 0 = off
+    stop: tuple = ()                     # strings that end generation (cut from the text)
+    stop_token_ids: tuple = ()           # token ids that end generation (kept in `tokens`)
+
+    @classmethod
+    def from_request(cls, r: dict) -> "SamplingParams":
+        """From a request mapping (the keys of `Fabric.submit`); values are checked later, by
+        `check_request`. A single stop string may be given as a string."""
+        return cls(r.get("max_new_tokens", 16), r.get("temperature", 0.0), r.get("seed"),
+                   r.get("ignore_eos", False), r.get("top_p", 1.0), r.get("top_k", 0),
+                   _as_tuple(r.get("stop")), _as_tuple(r.get("stop_token_ids")))
+
+    def to_request(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "seed": self.seed, "ignore_eos": self.ignore_eos, "top_p": self.top_p,
+                "top_k": self.top_k, "stop": list(self.stop),
+                "stop_token_ids": list(self.stop_token_ids)}
+
+
+def _as_tuple(value) -> tuple:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
 @dataclass(eq=False)
@@ -30,6 +54,7 @@ class Sequence:
     num_preemptions: int = 0
     stalled_since: float | None = None     # waiting for memory since (perf_counter)
     generator: torch.Generator | None = None
+    detok: object = None                   # fabric.detokenize.Detokenizer, set by the engine
 
     @property
     def tokens(self) -> list[int]:

@@ -18,6 +18,6 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [self.bos_id, *text.encode("utf-8")]
 
-    def decode(self, ids: list[int]) -> str:
-        data = bytes(i for i in ids if 0 <= i < NUM_BYTES)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        data = bytes(i for i in ids if 0 <= i < NUM_BYTES)       # BOS/EOS carry no text
         return data.decode("utf-8", errors="replace")
