@@ -63,11 +63,12 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.id, self.name = instance_id, name
         self.controller = ray.get_actor(controller_name, namespace=namespace)
         self.manager = ray.get_actor(manager_name, namespace=namespace) if manager_name else None
-        self._phase("constructing")
         delay = float(os.environ.get(STARTUP_DELAY_ENV) or 0)
-        if delay > 0:
+        if delay > 0:         # one report: calls to a threaded actor may run out of order
             self._phase(f"in a start-up delay of {delay:g} s ({STARTUP_DELAY_ENV})")
             time.sleep(delay)
+        else:
+            self._phase("constructing")
         self.weights: dict = {}
         self.engine = self._build_engine()
         self._phase("loading the tokenizer")
