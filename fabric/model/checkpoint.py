@@ -1,8 +1,10 @@
-"""Build a model from a Hugging Face checkpoint directory or a built-in preset; write checkpoints.
+"""Build a model from a Hugging Face checkpoint directory, a GGUF file or a built-in preset;
+write checkpoints.
 
 A checkpoint is `config.json` plus `model.safetensors`, or shards listed in
-`model.safetensors.index.json`. Tensors are checked name by name and shape by shape, so a
-broken checkpoint fails with a `ConfigError` that names the tensor, never a half-built model.
+`model.safetensors.index.json`; or one `.gguf` file (`fabric/model/gguf.py`). Tensors are
+checked name by name and shape by shape, so a broken checkpoint fails with a `ConfigError`
+that names the tensor, never a half-built model.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import threading
 import torch
 
 from fabric.errors import ConfigError
-from fabric.model.args import PRESETS, ModelArgs
+from fabric.model import gguf
+from fabric.model.args import FILE_PRESETS, PRESETS, ModelArgs, preset_path
 from fabric.model.llama import Transformer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
@@ -25,10 +28,14 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64,
 
 def load_model(preset: str | None = "tiny-llama", path: str | None = None, dtype: str = "float32",
                seed: int = 0, device: str = "cpu") -> Transformer:
-    """The model of a `model:` config section, in eval mode on `device`."""
+    """The model of a `model:` config section, in eval mode on `device`. A file preset
+    (`smollm2-135m-instruct`) is its checkpoint file: the config edge has already resolved it
+    to `path`, and this does the same for a direct call."""
+    if path is None and preset in FILE_PRESETS:
+        path = preset_path(preset)
     if path is not None:
         args = read_args(path)
-        state = read_state_dict(path, args)
+        state = read_state_dict(path, args, dtype)
     else:
         args = PRESETS[preset]
         state = random_state_dict(args, seed)
@@ -88,6 +95,8 @@ def check_checkpoint(path: str) -> ModelArgs:
     driver can refuse a broken one with a `ConfigError` before any actor starts."""
     from safetensors import safe_open
 
+    if gguf.is_gguf(path):
+        return gguf.check(path)
     args = read_args(path)
     shapes = {}
     for file in _safetensors_files(path):
@@ -107,6 +116,8 @@ def check_checkpoint(path: str) -> ModelArgs:
 
 
 def read_args(path: str) -> ModelArgs:
+    if gguf.is_gguf(path):
+        return gguf.read_args(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"model.path: {path!r} has no config.json")
@@ -121,8 +132,14 @@ def read_args(path: str) -> ModelArgs:
         raise ConfigError(f"model.path: config.json lacks {e.args[0]!r}") from None
 
 
-def read_state_dict(path: str, args: ModelArgs) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str, args: ModelArgs,
+                    dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors in this project's names. `dtype` matters for a GGUF file only
+    (dequantized straight to it, one tensor at a time); safetensors come as stored."""
     from safetensors.torch import load_file
+
+    if gguf.is_gguf(path):
+        return gguf.read_state_dict(path, args, dtype)
 
     files = _safetensors_files(path)
     state: dict[str, torch.Tensor] = {}
