@@ -12,9 +12,13 @@ import sys
 import threading
 import time
 
-DEMO_CONFIG = {
-    "model": {"preset": "tiny-llama"},
-    "instances": {"count": 3, "kv_blocks": 32, "block_size": 16},
+DEMO_CONFIG = {                 # a real chat model; a long document outgrows one instance
+    "model": {"preset": "smollm2-135m-instruct"},
+    "instances": {"count": 3, "kv_blocks": 24, "block_size": 16, "max_batch_tokens": 128},
+}
+ELASTIC_DEMO_CONFIG = {
+    "model": {"preset": "tiny-moe"},
+    "instances": {"count": 3, "kv_blocks": 32, "block_size": 16, "num_cpus": 0.5},
 }
 
 
@@ -36,10 +40,13 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fabric", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = sub.add_parser("demo", help="run a long-context request on an embedded 3-instance fabric")
-    demo.add_argument("--config", default=None, help="YAML config (default: built-in demo config)")
-    demo.add_argument("--long-prompt", type=int, default=1200, help="tokens in the long prompt")
-    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo = sub.add_parser("demo", help="chat with a real model on an embedded 3-instance fabric, "
+                                       "ask about a document longer than one instance holds, "
+                                       "then scale a MoE model 3 -> 4 -> 3 while serving")
+    demo.add_argument("--config", default=None,
+                      help="YAML config of the chat part (default: smollm2-135m-instruct)")
+    demo.add_argument("--long-prompt", type=int, default=500, help="words in the long document")
+    demo.add_argument("--max-new-tokens", type=int, default=32)
     _add_run(sub)
     serve = sub.add_parser("serve", help="start a named, detached fabric on a running Ray "
                                          "cluster (with --http-port: and its OpenAI-compatible "
@@ -134,54 +141,75 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def run_demo(args) -> int:
-    import random
-
     import fabric
+    from fabric.engine import check_capacity
+    from fabric.errors import CapacityError
 
-    config = args.config or DEMO_CONFIG
-    cfg = fabric.load_config(config)
+    cfg = fabric.load_config(args.config or DEMO_CONFIG)
     per_instance = cfg.instances.kv_blocks * cfg.instances.block_size
-    rng = random.Random(0)
-    long_prompt = [rng.randrange(256) for _ in range(args.long_prompt)]
-    short = ["The fabric lends KV blocks.", "Attention runs where the KV lives.", "Hello, Ray!"]
-    print(f"starting an embedded fabric: {cfg.instances.count} CPU instances x "
-          f"{cfg.instances.kv_blocks} blocks x {cfg.instances.block_size} tokens "
-          f"= {per_instance} tokens of KV each")
-    with fabric.start(config) as fab:
-        t0 = time.perf_counter()
+    print(f"starting an embedded fabric of {cfg.model.preset or cfg.model.path}: "
+          f"{cfg.instances.count} CPU instances x {cfg.instances.kv_blocks} blocks x "
+          f"{cfg.instances.block_size} tokens = {per_instance} tokens of KV each")
+    t0 = time.perf_counter()
+    with fabric.start(cfg) as fab:
+        print(f"ready in {time.perf_counter() - t0:.0f} s\n")
+        for q in DEMO_QUESTIONS:
+            (r,) = fab.chat([[{"role": "user", "content": q}]], max_new_tokens=48)
+            print(f"Q: {q}\nA: {r.text.strip()}   [{len(r.tokens)} tokens, "
+                  f"ttft {r.metrics['ttft_s']:.2f} s, {r.finish_reason}]\n")
+        document = _demo_document(args.long_prompt)
+        question = [{"role": "user", "content": document + "\n\nQuestion: according to the "
+                     "log above, what colour was the lighthouse painted? Answer in one sentence."}]
+        prompt_len = len(fab.render_chat(question))
         out: dict = {}
-        workers = [threading.Thread(target=lambda: out.update(long=fab.generate(
-                       [long_prompt], max_new_tokens=args.max_new_tokens, ignore_eos=True)[0])),
-                   threading.Thread(target=lambda: out.update(
-                       short=fab.generate(short, max_new_tokens=16)))]
-        for w in workers:
-            w.start()
-        stats = _busiest_stats(fab, workers)
-        seconds = time.perf_counter() - t0
-        long_res, short_res = out["long"], out["short"]
+        worker = threading.Thread(target=lambda: out.update(r=fab.chat(
+            [question], max_new_tokens=args.max_new_tokens)[0]))
+        t1 = time.perf_counter()
+        worker.start()
+        stats = _busiest_stats(fab, [worker])
+        seconds = time.perf_counter() - t1
+        long_res = out["r"]
         stats["lending"] = fab.stats()["lending"]
-        events = _elastic_demo(fab, short)
-    total = len(long_prompt) + args.max_new_tokens
-    generated = len(long_res.tokens) + sum(len(r.tokens) for r in short_res)
-    print(f"\nlong request: {len(long_prompt)} prompt + {len(long_res.tokens)} new = {total} tokens "
-          f"of KV ({total / per_instance:.2f}x one instance's capacity), finish={long_res.finish_reason}")
-    print(f"  first generated ids: {long_res.tokens[:10]} (the built-in model has random weights)")
-    for r, p in zip(short_res, short):
-        print(f"short request {p!r}: {len(r.tokens)} tokens, ttft {r.metrics['ttft_s'] * 1e3:.1f} ms")
-    print("\nKV blocks per instance while the long request ran (most borrowed moment):")
+    total = prompt_len + args.max_new_tokens
+    print(f"long document: {prompt_len} prompt tokens + up to {args.max_new_tokens} new = "
+          f"{total} tokens of KV ({total / per_instance:.2f}x one instance's pool)")
+    print(f"A: {long_res.text.strip()}   [{len(long_res.tokens)} tokens in {seconds:.1f} s]")
+    print("\nKV blocks per instance while it ran (most borrowed moment):")
     _print_instances(stats)
     print(f"borrow events: {stats['lending']['borrow_events']}, "
           f"blocks borrowed: {stats['lending']['blocks_borrowed_total']}")
-    print(f"throughput: {generated / seconds:.1f} tokens/s ({generated} tokens in {seconds:.2f} s)")
-    _single_instance(cfg, long_prompt, args.max_new_tokens)
-    print("\nelastic scaling while requests ran (weights mapped from the node's object store):")
+    try:
+        check_capacity(total, cfg.instances.block_size, cfg.instances.kv_blocks)
+        print("a single instance of the same size would hold it too")
+    except CapacityError as e:
+        print(f"a single instance of the same size rejects it: {e}")
+    print("\nelastic scaling on the built-in MoE model while requests run "
+          "(weights mapped from the node's object store):")
+    with fabric.start(ELASTIC_DEMO_CONFIG) as moe:
+        events = _elastic_demo(moe, ["The fabric lends KV blocks.", "Hello, Ray!",
+                                     "Attention runs where the KV lives."])
     for e in events:
         print(f"  {e['from']} -> {e['to']} replicas in {e['seconds']:.2f} s: "
               f"mapped {e['bytes_mapped'] / 1e6:.1f} MB, copied {e['bytes_copied'] / 1e6:.1f} MB, "
               f"read from disk {e['bytes_loaded_from_disk'] / 1e6:.1f} MB"
               + (f", requests handed over {e['requests_moved'] + e['requests_recomputed']}"
                  if e["kind"] == "down" else ""))
+    print(f"\ndemo done in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+DEMO_QUESTIONS = ("What is the capital of France?", "Name three primary colors.")
+
+
+def _demo_document(num_words: int) -> str:
+    """A long maintenance log with one fact the question asks for, near its start."""
+    lines = ["Harbour maintenance log.", "Day 1: the lighthouse was painted bright red."]
+    day = 2
+    while sum(len(x.split()) for x in lines) < num_words:
+        lines.append(f"Day {day}: the crew checked the pier, cleaned the lamps, counted "
+                     f"{day * 3} crates of rope and logged calm weather.")
+        day += 1
+    return "\n".join(lines)
 
 
 def _elastic_demo(fab, prompts: list[str]) -> list[dict]:
@@ -222,23 +250,6 @@ def _print_instances(stats: dict) -> None:
     for s in stats["instances"]:
         print(f"{s['id']:>8} {s['node'][:10]:>10} {s['blocks_total']:>6} {s['blocks_free']:>6} "
               f"{s['blocks_lent']:>6} {s['blocks_borrowed']:>9}")
-
-
-def _single_instance(cfg, prompt: list[int], max_new_tokens: int) -> None:
-    """What one vLLM-style instance of the same size does with the long request."""
-    from fabric.engine import Engine
-    from fabric.errors import CapacityError
-    from fabric.model import load_model
-    from fabric.sequence import SamplingParams
-
-    m = cfg.model
-    engine = Engine(load_model(m.preset, m.path, m.dtype, m.seed), cfg.instances.kv_blocks,
-                    cfg.instances.block_size)
-    try:
-        engine.add_request(prompt, SamplingParams(max_new_tokens, ignore_eos=True))
-        print("single instance: accepted the long request")
-    except CapacityError as e:
-        print(f"single instance of the same size: rejected ({e})")
 
 
 # ---- run ---------------------------------------------------------------------------------------
