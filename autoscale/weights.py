@@ -71,9 +71,13 @@ def group_bytes(group: dict[str, np.ndarray]) -> int:
 
 
 def checkpoint_bytes(path: str) -> int:
-    """Bytes of the safetensors files a checkpoint load reads from disk."""
+    """Bytes of the files a checkpoint load reads from disk: the safetensors files, or the
+    one GGUF file."""
     from fabric.model.checkpoint import _safetensors_files
+    from fabric.model.gguf import is_gguf
 
+    if is_gguf(path):
+        return os.path.getsize(path)
     return sum(os.path.getsize(f) for f in _safetensors_files(path))
 
 
@@ -125,7 +129,7 @@ class WeightStore:
         m = self.model_config
         if m["path"] is not None:
             self.args = read_args(m["path"])
-            state = read_state_dict(m["path"], self.args)
+            state = read_state_dict(m["path"], self.args, m["dtype"])    # GGUF: dequantized to it
             from_disk = checkpoint_bytes(m["path"])
         else:
             self.args = PRESETS[m["preset"]]
