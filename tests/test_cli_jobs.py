@@ -97,7 +97,7 @@ def test_parse_good_lines():
     ('{"prompt": [1], "ignore_eos": "yes"}', "ignore_eos must be true or false"),
     ('{"id": [1], "prompt": [1]}', "id must be a string or an integer"),
     ('{"id": true, "prompt": [1]}', "id must be a string or an integer"),
-    ('{"prompt": [1], "top_p": 0.9}', "unknown field 'top_p'"),
+    ('{"prompt": [1], "top_q": 0.9}', "unknown field 'top_q'"),
     ("[" * 100_000, "nested too deeply"),
 ])
 def test_parse_bad_lines(text, message):
