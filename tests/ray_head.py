@@ -12,6 +12,14 @@ import tempfile
 import time
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+# Ray's client proxy starts a server per driver; on a machine shared with other clusters that
+# start fails now and then (a port taken between test-binding and use; the new server process
+# gone before the proxy reads it). The driver reached nothing yet: such a start is retried once.
+PROXY_START_FAILURES = ("Starting Ray client server failed", "Initialization failure from server")
+
+
+def proxy_start_failed(output: str) -> bool:
+    return any(marker in output for marker in PROXY_START_FAILURES)
 WORKER_PORTS = (10002, 19999)
 
 

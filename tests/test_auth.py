@@ -20,7 +20,7 @@ import textwrap
 import time
 
 import pytest
-from ray_head import free_port, stop_head
+from ray_head import free_port, proxy_start_failed, stop_head
 
 pytest.importorskip("ray")
 
@@ -142,9 +142,6 @@ def without(env: dict, *names: str, **extra) -> dict:
     return env
 
 
-# Ray's client proxy picks each driver's server port by test-binding it; another cluster on the
-# machine can take it in between (see tests/test_ray_client.py): such a start is retried once.
-PROXY_PORT_RACE = "Starting Ray client server failed"
 
 
 @pytest.mark.parametrize("via", ["address", "client"])
@@ -161,7 +158,7 @@ def test_token_mode_chosen_from_the_cluster(ray_head, via):
     env = without(ray_head["env"], "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
     for _ in range(2):
         res = run(code, env, timeout=180)
-        if PROXY_PORT_RACE not in res.stdout:
+        if not proxy_start_failed(res.stdout + res.stderr):
             break
     assert "no fabric named 'absent'" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     assert "requires token authentication: using RAY_AUTH_MODE=token" in res.stderr, \

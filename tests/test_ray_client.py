@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from ray_head import WORKER_PORTS, submit_job
+from ray_head import WORKER_PORTS, proxy_start_failed, submit_job
 
 @pytest.fixture(scope="module")
 def head(ray_head):
@@ -15,17 +15,11 @@ def head(ray_head):
     return ray_head
 
 
-# Ray's client proxy picks each driver's server port from 23000-24000 by test-binding it: on a
-# machine shared with other clusters another proxy can take the port in between. Ray's error
-# names it; such a start is retried once (the fabric was not reached).
-PROXY_PORT_RACE = "Starting Ray client server failed"
-
-
 def run_driver(code: str, env: dict, timeout: int = 180) -> str:
     for attempt in range(2):
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, timeout=timeout)
-        if res.returncode == 0 or PROXY_PORT_RACE not in res.stderr:
+        if res.returncode == 0 or not proxy_start_failed(res.stderr):
             break
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout
