@@ -48,6 +48,7 @@ from autoscale.policy import AutoscalePolicy, ReplicaLoad
 from autoscale.weights import WeightStore
 from fabric.config import load_config
 from fabric.errors import FabricError
+from fabric.messages import CONTROL_TIMEOUT_S
 
 PLACEMENT_GRACE_S = 3.0    # a new replica not placed by then is short of room: ask the autoscaler
 RETIRE_TIMEOUT_S = 600.0   # how long a retired replica may keep forwarding before it is killed
@@ -56,7 +57,6 @@ PING_TIMEOUT_S = 30.0      # a pinged replica that does not answer within this i
 LIFELINE_S = 60.0          # each lifeline call returns after this and is renewed
 REPLACE_PLACEMENT_S = 30.0  # a replacement not placed by then: no room now, retried later
 REPLACE_RETRY_S = 30.0     # seconds between two tries to replace a dead replica
-CONTROL_TIMEOUT_S = 60.0   # control calls to replicas and the controller
 SWITCH_TIMEOUT_S = 180.0   # a data-plane rendezvous or switch
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class ElasticManager:
     def _save_record(self) -> None:
         from ray.experimental.internal_kv import _internal_kv_put
 
-        record = {"names": self.names, "dead": sorted(self.dead), "epoch": self.epoch}
+        record = {"names": self.names, "dead": sorted(self.dead)}   # a restart takes a new epoch
         _internal_kv_put(self._record_key(), json.dumps(record).encode(), overwrite=True,
                          namespace=self.namespace)
 

@@ -25,11 +25,11 @@ import ray
 import torch
 
 from fabric.errors import FabricError
+from fabric.messages import CONTROL_TIMEOUT_S
 from fabric.rmanager import BlockRef
 from fabric.sequence import SamplingParams, Sequence
 
 STAGED_KV_TTL_S = 300.0   # KV staged for an adopt that never comes is dropped after this
-CONTROL_TIMEOUT_S = 60.0  # Ray calls of the hand-off wait at most this long
 
 log = logging.getLogger(__name__)
 

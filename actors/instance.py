@@ -35,7 +35,7 @@ from fabric.distattn import PartialJob, partial_on_shard
 from fabric.context import Shard
 from fabric.engine import Engine
 from fabric.errors import CapacityError, FabricError, RequestError
-from fabric.messages import Heartbeat
+from fabric.messages import CONTROL_TIMEOUT_S, Heartbeat
 from fabric.model import load_model
 from fabric.rmanager import BlockRef
 from fabric.sequence import SamplingParams
@@ -46,7 +46,6 @@ from actors.transport import TransportHost
 BORROW_CHUNK = 8      # blocks borrowed at least per borrow event: keeps control calls off the token path
 MEMORY_WAIT_S = 2.0    # a request short of blocks waits this long for a borrow before preemption
 BORROW_RETRY_S = 0.05  # after a failed borrow, wait this long before asking the controller again
-CONTROL_TIMEOUT_S = 60.0   # every Ray call on a control path waits at most this long
 MAX_LOOP_FAULTS = 3    # engine-loop faults in a row (no good step between) that make it unhealthy
 CONTROL_GROUP = "control"      # concurrency group of control calls
 LIFELINE_GROUP = "lifeline"    # the elastic manager's death watch (`lifeline`)

@@ -12,12 +12,12 @@ import uuid
 from fabric.config import FabricConfig, load_config
 from fabric.engine import check_capacity, check_request
 from fabric.errors import FabricError, RequestError
+from fabric.messages import CONTROL_TIMEOUT_S
 from fabric.result import Result
 from fabric.rmanager import max_request_blocks
 from fabric.sequence import SamplingParams
 
 NAMESPACE = "kv-fabric"
-CONTROL_TIMEOUT_S = 60.0    # every control call of the driver waits at most this long
 SAMPLING_KEYS = {"max_new_tokens", "temperature", "seed", "ignore_eos", "top_p", "top_k", "stop",
                  "stop_token_ids"}
 REQUEST_KEYS = {"id", "prompt", "messages"} | SAMPLING_KEYS

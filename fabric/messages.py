@@ -24,6 +24,9 @@ import msgpack
 RebalanceKind = Literal["return_home", "cancel_cycle"]
 
 
+
+CONTROL_TIMEOUT_S = 60.0   # every Ray call on a control path (driver, actors) waits at most this
+
 class _Message:
     """Mixin: dict conversion driven by the dataclass fields and their type hints."""
 
