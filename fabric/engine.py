@@ -16,6 +16,7 @@ from fabric.distattn import DistAttention, RemotePartials
 from fabric.errors import CapacityError, RequestError
 from fabric.kv_cache import KVCache
 from fabric.model import Transformer
+from fabric.prefix_cache import HASH_BYTES
 from fabric.rmanager import RManager
 from fabric.sampling import sample
 from fabric.scheduler import Scheduler
@@ -25,7 +26,8 @@ from fabric.sequence import SamplingParams, Sequence
 class Engine:
     def __init__(self, model: Transformer, kv_blocks: int, block_size: int, *, instance_id: int = 0,
                  max_num_seqs: int = 32, max_batch_tokens: int = 256, max_lend_fraction: float = 0.95,
-                 min_free_fraction: float = 0.03, backend: str = "auto"):
+                 min_free_fraction: float = 0.03, backend: str = "auto",
+                 prefix_cache: bool = True, prefix_salt: bytes | None = None):
         args = model.args
         self.model, self.args, self.backend = model, args, backend
         self.instance_id = instance_id
@@ -33,8 +35,11 @@ class Engine:
         dtype = next(model.parameters()).dtype
         self.kv = KVCache(args.num_layers, kv_blocks, block_size, args.num_kv_heads, args.head_dim,
                           dtype, self.device)
-        self.rm = RManager(instance_id, kv_blocks, block_size, max_lend_fraction, min_free_fraction)
+        self.rm = RManager(instance_id, kv_blocks, block_size, max_lend_fraction, min_free_fraction,
+                           prefix_cache)
         self.scheduler = Scheduler(self.rm, max_num_seqs, max_batch_tokens)
+        if prefix_cache:      # the salt names the model: same tokens, other weights, other KV
+            self.scheduler.salt = prefix_salt or salt_of_args(args)
         self.scale = args.head_dim ** -0.5
         self.remote: RemotePartials | None = None
         self.max_request_blocks = kv_blocks      # the fabric raises it to what lending allows
@@ -79,6 +84,21 @@ class Engine:
             seq.finish_reason = "abort"
             self.scheduler.remove(seq)
 
+    def prefix_stats(self) -> dict:
+        """Prefix-cache counters of this engine: `queries` and `hits` in prompt tokens at first
+        admission (a recompute is never a hit), cached and evictable blocks, evictions."""
+        rm, p = self.rm, self.scheduler.prefix
+        return {"enabled": self.scheduler.salt is not None, "queries": p["queries"],
+                "hits": p["hits"], "leased_hits": p["leased_hits"],
+                "hit_rate": p["hits"] / p["queries"] if p["queries"] else 0.0,
+                "blocks_cached": len(rm.cache), "blocks_evictable": rm.cache.num_evictable,
+                "evictions": rm.cache.num_evictions,
+                "blocks_pinned_for_others": sum(len(p) for p in rm.leases.values())}
+
+    def reset_prefix_cache(self) -> int:
+        """Evict every cached block no request uses; returns how many."""
+        return self.rm.clear_cache()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
@@ -98,6 +118,7 @@ class Engine:
         self.num_steps += 1
         for seq, n in batch:
             seq.num_computed += n
+            self.scheduler.computed(seq)
         sampled = [seq for (seq, _), ch in zip(batch, chunks) if ch.sample]
         return self._append(sampled, sample(logits, sampled))
 
@@ -134,6 +155,13 @@ class Engine:
             for seq in self.step()[1]:
                 done[seq.req_id] = seq
         return [done[i] for i in ids]
+
+
+def salt_of_args(args) -> bytes:
+    """A prefix-cache salt for an engine built without a fabric config (tests, benchmarks)."""
+    import hashlib
+
+    return hashlib.blake2b(repr(args).encode(), digest_size=HASH_BYTES).digest()
 
 
 def check_request(prompt, params: SamplingParams, vocab_size: int, max_positions: int) -> None:

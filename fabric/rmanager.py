@@ -4,6 +4,13 @@ It owns the block table of every request homed here (entries local or on credito
 it *lent* (held here for other instances' requests) and the blocks it *borrowed* (held for it
 elsewhere). Borrowing is delegated to `borrow_fn`, which the hosting actor wires to the
 controller and a creditor; the engine alone (one process, no Ray) never borrows.
+
+Prefix caching: a local block has a reference count (the request tables that hold it, plus
+read-only pins of other instances reading it as a cached prefix). A block whose count drops to
+0 is freed, unless it holds a cached prefix block: then it stays in the cache, evictable, and
+the pool takes it back (least recently used first) only when it runs out of free blocks. So
+`num_free` counts free and evictable blocks alike. A table may also start with *leased*
+entries: read-only blocks of another instance's cache that this request attends over there.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ from typing import Callable
 
 from fabric.block_pool import BlockPool
 from fabric.ledger import reserve_blocks
+from fabric.prefix_cache import PrefixCache
 
 BorrowFn = Callable[[int], "list[BlockRef]"]
 ReleaseFn = Callable[[int, "list[int]"], None]
+UnleaseFn = Callable[[int, "list[int]"], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,10 +35,15 @@ class BlockRef:
 
 class RManager:
     def __init__(self, instance_id: int, num_blocks: int, block_size: int,
-                 max_lend_fraction: float = 0.95, min_free_fraction: float = 0.03):
+                 max_lend_fraction: float = 0.95, min_free_fraction: float = 0.03,
+                 prefix_cache: bool = True):
         self.instance_id = instance_id
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.cache = PrefixCache(prefix_cache)
+        self.refs = [0] * num_blocks                 # users of each local block (tables, pins)
+        self.leases: dict[int, dict[int, int]] = {}  # reader instance -> block -> read pins
+        self.lease_span: dict[str, tuple[int, int]] = {}  # request -> leased table positions
         self.lend_cap = int(max_lend_fraction * num_blocks)
         self.min_free = reserve_blocks(num_blocks, min_free_fraction)
         self.tables: dict[str, list[BlockRef]] = {}
@@ -38,6 +52,7 @@ class RManager:
         self.num_remote_in_tables: dict[int, int] = {}
         self.borrow_fn: BorrowFn | None = None
         self.release_fn: ReleaseFn | None = None
+        self.unlease_fn: UnleaseFn | None = None
         self.num_borrow_events = 0
 
     # ---- queries -------------------------------------------------------------------------
@@ -47,7 +62,8 @@ class RManager:
 
     @property
     def num_free(self) -> int:
-        return self.pool.num_free
+        """Blocks a new allocation may take: free ones and evictable cached ones."""
+        return self.pool.num_free + self.cache.num_evictable
 
     @property
     def num_lent(self) -> int:
@@ -76,7 +92,7 @@ class RManager:
         and never while it borrows itself (no recursive borrowing)."""
         if self.is_debtor:
             return 0
-        return max(0, min(self.pool.num_free - self.min_free, self.lend_cap - self.num_lent))
+        return max(0, min(self.num_free - self.min_free, self.lend_cap - self.num_lent))
 
     def can_lend(self, n: int) -> bool:
         return n <= self.lendable()
@@ -99,7 +115,7 @@ class RManager:
         n = self.num_missing(req_id, num_tokens)
         if n == 0:
             return True
-        local = min(n, self.pool.num_free)
+        local = min(n, self.num_free)
         remote = self._take_spare(n - local)
         if len(remote) < n - local and may_borrow and self.borrow_fn is not None:
             self._borrow(n - local - len(remote))
@@ -108,20 +124,119 @@ class RManager:
             self._return_spare(remote)
             return False
         table = self.tables.setdefault(req_id, [])
-        table += [BlockRef(self.instance_id, b) for b in self.pool.allocate(local)]
+        table += [BlockRef(self.instance_id, b) for b in self.take_local(local)]
         table += remote
         for ref in remote:
             self.num_remote_in_tables[ref.instance] = self.num_remote_in_tables.get(ref.instance, 0) + 1
         return True
 
+    def take_local(self, n: int) -> list[int]:
+        """`n` local blocks for a request table (reference count 1), evicting the least
+        recently used cached blocks when too few are free."""
+        ids = self._take(n)
+        for b in ids:
+            self.refs[b] = 1
+        return ids
+
+    def _take(self, n: int) -> list[int]:
+        short = n - self.pool.num_free
+        if short > 0:
+            self.pool.free(self.cache.evict(short))
+        return self.pool.allocate(n)
+
     def free(self, req_id: str) -> None:
-        """Drop `req_id`'s table: local blocks to the pool, borrowed ones back to the spares."""
+        """Drop `req_id`'s table: local blocks lose a user (the last one frees the block, or
+        parks it as evictable cache: tail blocks first in eviction order), borrowed ones go
+        back to the spares, leased ones are unpinned on their holder."""
         table = self.tables.pop(req_id, [])
-        self.pool.free([r.block for r in table if r.instance == self.instance_id])
-        remote = [r for r in table if r.instance != self.instance_id]
+        a, b = self.lease_span.pop(req_id, (0, 0))
+        leased, own = table[a:b], table[:a] + table[b:]
+        for ref in reversed(own):
+            if ref.instance == self.instance_id:
+                self._unref(ref.block)
+        remote = [r for r in own if r.instance != self.instance_id]
         for ref in remote:
             self.num_remote_in_tables[ref.instance] -= 1
         self._return_spare(remote)
+        if leased and self.unlease_fn is not None:
+            self.unlease_fn(leased[0].instance, [r.block for r in leased])
+
+    def _unref(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0 and not self.cache.park(block):
+            self.pool.free([block])
+
+    def _ref(self, block: int) -> None:
+        if self.refs[block] == 0:
+            self.cache.unpark(block)
+        self.refs[block] += 1
+
+    # ---- prefix cache ----------------------------------------------------------------------
+    def attach_cached(self, req_id: str, hashes: list[bytes]) -> int:
+        """Start `req_id`'s (empty) table with the longest cached prefix of `hashes`; returns
+        how many blocks it reuses."""
+        assert not self.tables.get(req_id), "a cached prefix starts an empty table"
+        blocks = self.cache.lookup(hashes)
+        for b in blocks:
+            self._ref(b)
+        if blocks:
+            self.tables[req_id] = [BlockRef(self.instance_id, b) for b in blocks]
+        return len(blocks)
+
+    def attach_leased(self, req_id: str, holder: int, blocks: list[int]) -> None:
+        """Append read-only blocks of `holder`'s cache (pinned there for this instance) to
+        `req_id`'s table; the request attends over them on `holder` and never writes them."""
+        table = self.tables.setdefault(req_id, [])
+        assert req_id not in self.lease_span, "one leased span per request"
+        self.lease_span[req_id] = (len(table), len(table) + len(blocks))
+        table += [BlockRef(holder, b) for b in blocks]
+
+    def register_computed(self, req_id: str, hashes: list[bytes], first: int) -> None:
+        """Blocks `first..len(hashes)` of `req_id`'s table are full and computed: cache the
+        local ones under their hashes."""
+        table = self.tables[req_id]
+        for j in range(first, len(hashes)):
+            ref = table[j]
+            if ref.instance == self.instance_id:
+                self.cache.register(hashes[j], ref.block)
+
+    def import_cached(self, hashes: list[bytes]) -> list[int]:
+        """Local blocks to receive copied KV of `hashes` (not cached here yet): taken from the
+        pool now and cached, evictable, once `finish_import` says their KV is written."""
+        n = sum(1 for h in hashes if h not in self.cache.block_of)
+        if n == 0 or n > self.num_free:
+            return []
+        return self.take_local(n)
+
+    def finish_import(self, hashes: list[bytes], blocks: list[int]) -> None:
+        for h, b in zip(hashes, blocks):
+            self.cache.register(h, b)
+            self._unref(b)
+
+    def pin(self, reader: int, hashes: list[bytes]) -> list[int]:
+        """Pin the longest cached prefix of `hashes` for `reader`'s attention (read-only)."""
+        blocks = self.cache.lookup(hashes)
+        pins = self.leases.setdefault(reader, {})
+        for b in blocks:
+            self._ref(b)
+            pins[b] = pins.get(b, 0) + 1
+        return blocks
+
+    def unpin(self, reader: int, blocks: list[int]) -> None:
+        pins = self.leases.get(reader, {})
+        for b in blocks:
+            if pins.get(b, 0) <= 0:
+                raise ValueError(f"instance {reader} unpinned block {b} it had not pinned")
+            pins[b] -= 1
+            if pins[b] == 0:
+                del pins[b]
+            self._unref(b)
+
+    def clear_cache(self) -> int:
+        """Evict every unused cached block (blocks in use stay cached); returns how many."""
+        ids = self.cache.evict(self.cache.num_evictable)
+        self.pool.free(ids)
+        return len(ids)
 
     def release_spares(self, keep: int = 0) -> int:
         """Give spare borrowed blocks back to their creditors, keeping at most `keep`."""
@@ -168,7 +283,7 @@ class RManager:
         n = min(n, self.lendable())
         if n <= 0:
             return []
-        ids = self.pool.allocate(n)
+        ids = self._take(n)
         self.lent.setdefault(debtor, set()).update(ids)
         return ids
 
@@ -182,9 +297,13 @@ class RManager:
         self.pool.free(list(ids))
 
     def drop_debtor(self, debtor: int) -> int:
-        """Free everything lent to a dead `debtor`; returns how many blocks came back."""
+        """Free everything lent to a dead `debtor`, and its read pins; returns how many lent
+        blocks came back."""
         ids = self.lent.pop(debtor, set())
         self.pool.free(list(ids))
+        for b, n in self.leases.pop(debtor, {}).items():
+            for _ in range(n):
+                self._unref(b)
         return len(ids)
 
     def forget_instance(self, dead: int) -> None:
@@ -194,21 +313,49 @@ class RManager:
             "free the requests with blocks on a dead instance first"
         self.spare.pop(dead, None)
         self.num_remote_in_tables.pop(dead, None)
-        if dead in self.lent:
+        if dead in self.lent or dead in self.leases:
             self.drop_debtor(dead)
 
-    def holds_for(self, debtor: int, ids) -> bool:
+    def holds_for(self, debtor: int, ids, read_only: bool = False) -> bool:
+        """Every block of `ids` is lent to `debtor` (or, `read_only`, pinned for it)."""
         held = self.lent.get(debtor, ())
-        return all(i in held for i in ids)
+        pins = self.leases.get(debtor, {}) if read_only else {}
+        return all(i in held or i in pins for i in ids)
 
     def check_integrity(self) -> None:
+        """The books add up: every local block is free, evictable cache, lent, or used, and its
+        reference count is the number of table entries and pins that hold it."""
         self.pool.check_integrity()
-        used_local = sum(r.instance == self.instance_id for t in self.tables.values() for r in t)
-        assert used_local + self.num_lent + self.pool.num_free == self.pool.num_blocks, \
-            "local blocks are lost or double counted"
+        self.cache.check_integrity()
+        users = [0] * self.pool.num_blocks
+        remote: dict[int, int] = {}
+        for req_id in self.tables:
+            for r in self._own_entries(req_id):
+                if r.instance == self.instance_id:
+                    users[r.block] += 1
+                else:
+                    remote[r.instance] = remote.get(r.instance, 0) + 1
+        for pins in self.leases.values():
+            for blk, n in pins.items():
+                users[blk] += n
+        assert users == self.refs, "reference counts drift from the tables and pins"
+        used = sum(1 for n in users if n)
+        lent = set().union(*self.lent.values()) if self.lent else set()
+        free = set(self.pool._free)
+        for blk in range(self.pool.num_blocks):
+            kinds = (users[blk] > 0) + (blk in lent) + (blk in free) + (blk in self.cache.evictable)
+            assert kinds == 1, f"local block {blk} is in {kinds} states (used/lent/free/evictable)"
+        assert used + self.num_lent + self.pool.num_free + self.cache.num_evictable == \
+            self.pool.num_blocks, "local blocks are lost or double counted"
         for c, n in self.num_remote_in_tables.items():
-            in_tables = sum(r.instance == c for t in self.tables.values() for r in t)
-            assert in_tables == n, f"remote count for creditor {c} is {n}, tables hold {in_tables}"
+            assert remote.get(c, 0) == n, \
+                f"remote count for creditor {c} is {n}, tables hold {remote.get(c, 0)}"
+
+    def _own_entries(self, req_id: str) -> list[BlockRef]:
+        """`req_id`'s table without its leased (read-only, another cache's) entries."""
+        t = self.tables[req_id]
+        a, b = self.lease_span.get(req_id, (0, 0))
+        return t[:a] + t[b:]
 
 
 def max_request_blocks(num_instances: int, kv_blocks: int, lending: bool,

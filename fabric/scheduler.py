@@ -3,6 +3,12 @@ the next prefill chunk), then waiting ones join while the token budget and memor
 
 When memory runs out, the most recently admitted request is preempted: its blocks are freed and
 it is recomputed from its tokens later (never lost, never an out-of-memory crash).
+
+Prefix caching: a request admitted with no KV starts from the longest cached prefix of its
+tokens (and, when its home leased one, from blocks of another instance's cache), so chunked
+prefill starts at the first uncached token. Requests that share a prefix are scheduled for
+sharing: while a running request computes prompt blocks a waiting one would need next, the
+waiting one is held back (others go first), then reuses them instead of computing them again.
 """
 
 from __future__ import annotations
@@ -10,8 +16,11 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from fabric.prefix_cache import extend_hashes
 from fabric.rmanager import RManager
 from fabric.sequence import Sequence
+
+SHARING_SCAN = 64     # waiting requests looked at per step past ones held back for sharing
 
 
 class Scheduler:
@@ -27,6 +36,10 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.salt: bytes | None = None        # set by the engine when prefix caching is on
+        self.inflight: dict[bytes, int] = {}  # prompt block hash -> running requests computing it
+        self.prefix = {"queries": 0, "hits": 0, "leased_hits": 0}   # tokens, first admissions
+        self.unlease_fn = None                # (holder, blocks): a lease that is not used
 
     @property
     def num_unfinished(self) -> int:
@@ -41,6 +54,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._drop_inflight(seq)
+        self._drop_lease(seq)
         self.rm.free(seq.req_id)
 
     def num_committed(self) -> int:
@@ -60,6 +75,8 @@ class Scheduler:
         """Blocks this instance should hold (free or spare) for the next `schedule()`: the
         shortfall is borrowed ahead of time, outside the step."""
         if self.reserve_on_admit:
+            # a cached prefix does not lower this: its evictable blocks count as free now and
+            # stop counting once the head pins them
             head = self._num_to_full(self.waiting[0]) if self.waiting else 0
             return self.num_committed() + head
         budget, wanted, seqs = self.max_batch_tokens, 0, 0
@@ -85,16 +102,111 @@ class Scheduler:
             if self._allocate_or_preempt(seq, n, batch):
                 batch.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        held = 0
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs or held > SHARING_SCAN:
+                break
+            fresh = seq.num_computed == 0 and not self.rm.tables.get(seq.req_id)
+            if fresh and self._waits_for_sharing(seq):
+                held += 1
+                continue
+            if fresh:
+                self._attach_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._can_admit(seq) or not self.rm.allocate(seq.req_id, seq.num_computed + n):
+                if fresh:                      # not admitted: its cached blocks are let go
+                    self.rm.free(seq.req_id)
+                    seq.num_computed = seq.num_registered = 0
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
+            if fresh:
+                self._admitted_fresh(seq)
             batch.append((seq, n))
             budget -= n
         return batch
+
+    # ---- prefix caching ------------------------------------------------------------------
+    def _hashes(self, seq: Sequence) -> list[bytes]:
+        """The hash chain of `seq`'s full blocks it could find cached (all its tokens but the
+        last: that one is computed to give logits); extended as outputs grow."""
+        return extend_hashes(seq.block_hashes, seq.tokens, self.rm.block_size, self.salt,
+                             upto=seq.num_tokens - 1)[: (seq.num_tokens - 1) // self.rm.block_size]
+
+    def _waits_for_sharing(self, seq: Sequence) -> bool:
+        """True while a running request computes the next prompt block `seq` would reuse."""
+        if self.salt is None or not self.inflight:
+            return False
+        hashes = self._hashes(seq)
+        k = len(self.rm.cache.lookup(hashes))
+        return k < len(hashes) and hashes[k] in self.inflight
+
+    def _attach_prefix(self, seq: Sequence) -> None:
+        """Start `seq` from its longest cached prefix: local blocks, then leased ones."""
+        if self.salt is None:
+            self._drop_lease(seq)
+            return
+        hashes = self._hashes(seq)
+        k = self.rm.attach_cached(seq.req_id, hashes)
+        if seq.lease is not None:
+            holder, first, blocks = seq.lease
+            seq.lease = None
+            if first <= k < first + len(blocks):       # contiguous with the local hit
+                use = blocks[k - first:]
+                if blocks[: k - first] and self.unlease_fn is not None:
+                    self.unlease_fn(holder, blocks[: k - first])
+                self.rm.attach_leased(seq.req_id, holder, use)
+                k += len(use)
+            elif self.unlease_fn is not None:
+                self.unlease_fn(holder, blocks)
+        seq.num_computed = k * self.rm.block_size
+        seq.num_registered = k
+
+    def _admitted_fresh(self, seq: Sequence) -> None:
+        """Count a first admission (a recompute after preemption, recovery or a hand-off that
+        could not move the KV is never a hit), and note the prompt blocks it will compute."""
+        if not seq.prefix_counted:
+            seq.prefix_counted = True
+            if seq.num_preemptions == 0:
+                leased = self.rm.lease_span.get(seq.req_id, (0, 0))
+                seq.cached_tokens = seq.num_computed
+                self.prefix["queries"] += len(seq.prompt)
+                self.prefix["hits"] += seq.cached_tokens
+                self.prefix["leased_hits"] += (leased[1] - leased[0]) * self.rm.block_size
+        if self.salt is not None:
+            seq.inflight = seq.block_hashes[seq.num_registered: len(seq.prompt) // self.rm.block_size]
+            for h in seq.inflight:
+                self.inflight[h] = self.inflight.get(h, 0) + 1
+
+    def computed(self, seq: Sequence) -> None:
+        """After a step: `seq`'s newly full blocks are cached (and no longer in flight)."""
+        if self.salt is None:
+            return
+        bs = self.rm.block_size
+        full = seq.num_computed // bs
+        if full <= seq.num_registered:
+            return
+        hashes = extend_hashes(seq.block_hashes, seq.tokens, bs, self.salt, upto=full * bs)
+        self.rm.register_computed(seq.req_id, hashes[:full], seq.num_registered)
+        done = full - seq.num_registered
+        self._drop_inflight(seq, done)
+        seq.num_registered = full
+
+    def _drop_inflight(self, seq: Sequence, n: int | None = None) -> None:
+        gone, seq.inflight = (seq.inflight, []) if n is None else (seq.inflight[:n], seq.inflight[n:])
+        for h in gone:
+            left = self.inflight.get(h, 0) - 1
+            if left > 0:
+                self.inflight[h] = left
+            else:
+                self.inflight.pop(h, None)
+
+    def _drop_lease(self, seq: Sequence) -> None:
+        if seq.lease is not None:
+            holder, _, blocks = seq.lease
+            seq.lease = None
+            if self.unlease_fn is not None:
+                self.unlease_fn(holder, blocks)
 
     def _allocate_or_preempt(self, seq: Sequence, n: int, batch) -> bool:
         """Allocate for `seq`'s next chunk. Short of memory, a request first stalls (skips steps)
@@ -119,8 +231,9 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free `seq`'s blocks and queue it first, to be recomputed from its tokens."""
         self.running.remove(seq)
+        self._drop_inflight(seq)
         self.rm.free(seq.req_id)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_registered = 0
         seq.num_preemptions += 1
         seq.stalled_since = None
         self.waiting.appendleft(seq)

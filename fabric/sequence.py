@@ -55,6 +55,13 @@ class Sequence:
     stalled_since: float | None = None     # waiting for memory since (perf_counter)
     generator: torch.Generator | None = None
     detok: object = None                   # fabric.detokenize.Detokenizer, set by the engine
+    # prefix caching (fabric/prefix_cache.py), kept by the scheduler and engine
+    block_hashes: list = field(default_factory=list)   # hash chain of its full blocks
+    num_registered: int = 0                # leading blocks known to the cache (or leased)
+    inflight: list = field(default_factory=list)       # hashes of prompt blocks it computes
+    cached_tokens: int = 0                 # prompt tokens served from a cache at admission
+    prefix_counted: bool = False           # its first admission was counted in the stats
+    lease: tuple | None = None             # (holder, first block, block ids) pinned there
 
     @property
     def tokens(self) -> list[int]:
@@ -79,4 +86,4 @@ class Sequence:
         tpot = (end - self.first_token_at) / (n - 1) if self.first_token_at and n > 1 else 0.0
         return {"ttft_s": ttft, "tpot_s": tpot, "latency_s": end - self.arrival,
                 "num_prompt_tokens": len(self.prompt), "num_output_tokens": n,
-                "num_preemptions": self.num_preemptions}
+                "num_preemptions": self.num_preemptions, "cached_tokens": self.cached_tokens}
