@@ -2,6 +2,10 @@
 creditors to instances that run low. It is never on the per-token path: instances cache their
 block tables and call it only to borrow (a chunk of blocks at a time).
 
+It also keeps the fabric-wide prefix index (block hashes each instance caches, published in
+batches beside the heartbeats) and routes requests by cached prefix and load
+(`fabric/routing.py`); a restarted controller's empty index only causes misses.
+
 It keeps the ledger only. Membership (which replica holds which rank, who is dead, who
 replaces whom) belongs to the elastic manager (`actors/elastic.py`), which tells the ledger
 when a rank leaves (`remove_instance`) or a new replica takes a rank (`readmit`). A restarted
@@ -15,6 +19,7 @@ import time
 
 from fabric.ledger import Ledger
 from fabric.messages import Heartbeat
+from fabric.routing import Load, PrefixIndex, route
 
 
 class ControllerActor:
@@ -25,8 +30,11 @@ class ControllerActor:
         self._config = config
         self.ledger = Ledger(min_free_fraction=cfg.lending.min_free_fraction)
         self.lending_enabled = cfg.lending.enabled
+        self.prefix_cfg = cfg.prefix_cache
         self.lock = threading.Lock()
-        self.num_calls = {"heartbeat": 0, "propose_creditors": 0}
+        self.num_calls = {"heartbeat": 0, "propose_creditors": 0, "prefix_events": 0, "route": 0}
+        self.index = PrefixIndex()
+        self.loads: dict[int, Load] = {}
         self.last_beat: dict[int, float] = {}      # rank -> when its newest beat arrived here
 
     def heartbeat(self, hb: dict) -> None:
@@ -35,6 +43,27 @@ class ControllerActor:
             beat = Heartbeat.from_dict(hb)
             if self.ledger.update(beat):            # a removed rank's beats change nothing
                 self.last_beat[beat.instance_id] = time.monotonic()
+                self.loads[beat.instance_id] = Load(beat.load, beat.blocks_total - beat.blocks_free)
+
+    def prefix_events(self, instance_id: int, gen: int, base: int | None, added: list[bytes],
+                      removed: list[bytes]) -> bool:
+        """Blocks `instance_id` cached and evicted since generation `base` (None: its whole
+        cache). False: the batch does not follow what the index holds; send a snapshot."""
+        with self.lock:
+            self.num_calls["prefix_events"] += 1
+            if instance_id not in self.last_beat:   # removed, or not beating here yet
+                return False
+            return self.index.apply(instance_id, gen, base, added, removed)
+
+    def route(self, requests: list[tuple[list[bytes], int]], live: list[int]) -> list[tuple]:
+        """Homes for requests ([(prompt block hashes, total blocks)]) among `live` ranks:
+        [(home, cached blocks there, (source instance, blocks) or None)]."""
+        c = self.prefix_cfg
+        with self.lock:
+            self.num_calls["route"] += 1
+            routes = route(requests, live, self.loads, self.index, c.overlap_weight,
+                           c.balance_threshold, c.min_remote_blocks, affinity=c.enabled)
+        return [(r.home, r.cached_blocks, r.source) for r in routes]
 
     def propose_creditors(self, debtor: int, num_blocks: int, exclude: list[int],
                           min_blocks: int | None = None) -> list[tuple[int, int]]:
@@ -61,6 +90,8 @@ class ControllerActor:
         with self.lock:
             self.ledger.remove_instance(instance_id)
             self.last_beat.pop(instance_id, None)
+            self.index.remove_instance(instance_id)
+            self.loads.pop(instance_id, None)
 
     def readmit(self, instance_id: int) -> None:
         """A new replica takes rank `instance_id`: its beats count from now on."""
@@ -76,4 +107,5 @@ class ControllerActor:
 
     def stats(self) -> dict:
         with self.lock:
-            return {"calls": dict(self.num_calls), "ledger": self.ledger.snapshot()}
+            return {"calls": dict(self.num_calls), "ledger": self.ledger.snapshot(),
+                    "prefix_index_blocks": len(self.index)}

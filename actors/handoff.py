@@ -68,7 +68,8 @@ class HandoffMixin:
         report["fresh"] += self._hand_on_inbox()        # raced in before `draining` was seen
         with self.lock:
             self.engine.rm.release_spares(keep=0)
-            debtors = list(self.engine.rm.debtors())
+            # debtors, and readers of this cache's blocks (their requests recompute them)
+            debtors = sorted(set(self.engine.rm.debtors()) | set(self.engine.rm.leases))
         for d in debtors:
             r = ray.get(self.peers[d].relocate_from.remote(self.id), timeout=CONTROL_TIMEOUT_S)
             report["lent_blocks_relocated"] += r["moved"]
@@ -165,7 +166,7 @@ class HandoffMixin:
         keeps a request's KV until `src` asks this instance to `adopt` the request."""
         if meta["op"] == "kv_read":
             ids = tensors[0].tolist()
-            if not self.engine.rm.holds_for(src, ids):
+            if not self.engine.rm.holds_for(src, ids, read_only=True):
                 raise ValueError(f"instance {src} asked for blocks it did not borrow here")
             k, v = self.engine.kv.read_blocks(ids)
             return {}, [k, v]
@@ -333,18 +334,26 @@ class HandoffMixin:
         try:
             with self.lock:
                 rm, sched = self.engine.rm, self.engine.scheduler
+                for seq in sched.waiting:         # leases not used yet: recompute instead
+                    if seq.lease is not None and seq.lease[0] == creditor:
+                        sched.drop_lease(seq)
+                for req_id, lease in list(self.waiting_leases.items()):
+                    if lease[0] == creditor:
+                        self._drop_lease(self.waiting_leases.pop(req_id))
                 for seq in list(sched.running):
                     table = rm.tables.get(seq.req_id, [])
                     pos = [i for i, r in enumerate(table) if r.instance == creditor]
                     if not pos:
                         continue
-                    if len(pos) > rm.num_free:
+                    a, b = rm.lease_span.get(seq.req_id, (0, 0))
+                    if len(pos) > rm.num_free or any(a <= i < b for i in pos):
+                        # no room, or it reads the leaving instance's cache: recomputed
                         sched.preempt(seq)
                         preempted += 1
                         continue
                     old = [table[i].block for i in pos]
                     k, v = self._read_lent_from(creditor, old)
-                    new = rm.pool.allocate(len(pos))
+                    new = rm.take_local(len(pos))
                     self.engine.kv.write_blocks(new, k, v)
                     for i, b in zip(pos, new):
                         table[i] = BlockRef(self.id, b)

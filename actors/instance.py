@@ -37,6 +37,7 @@ from fabric.engine import Engine
 from fabric.errors import CapacityError, FabricError, RequestError
 from fabric.messages import CONTROL_TIMEOUT_S, Heartbeat
 from fabric.model import load_model
+from fabric.prefix_cache import model_salt, prompt_hashes
 from fabric.rmanager import BlockRef
 from fabric.sequence import SamplingParams
 from actors.handoff import HandoffMixin
@@ -47,6 +48,7 @@ BORROW_CHUNK = 8      # blocks borrowed at least per borrow event: keeps control
 MEMORY_WAIT_S = 2.0    # a request short of blocks waits this long for a borrow before preemption
 BORROW_RETRY_S = 0.05  # after a failed borrow, wait this long before asking the controller again
 MAX_LOOP_FAULTS = 3    # engine-loop faults in a row (no good step between) that make it unhealthy
+PREFIX_QUIET_BEATS = 10   # with nothing cached or evicted, tell the prefix index this often anyway
 CONTROL_GROUP = "control"      # concurrency group of control calls
 LIFELINE_GROUP = "lifeline"    # the elastic manager's death watch (`lifeline`)
 # Fault injection for tests: the constructor sleeps this many seconds (a slow checkpoint load).
@@ -105,6 +107,12 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.unhealthy: str | None = None     # why this instance gave up serving
         self._faults: dict[str, int] = {}     # injected faults (tests): point -> times left
         self.lifetime = threading.Event()     # set when the instance stops
+        # prefix reuse across instances: leases waiting for admission, the index generation
+        self.engine.rm.unlease_fn = self.engine.scheduler.unlease_fn = self._unpin_remote
+        self.waiting_leases: dict[str, tuple] = {}
+        self.remote_prefix = {"lease": 0, "copy": 0, "recompute": 0, "blocks_copied": 0,
+                              "blocks_leased": 0}
+        self._prefix_gen, self._prefix_snapshot, self._prefix_quiet = 0, True, 0
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
 
     def _attach_tokenizer(self) -> None:
@@ -162,7 +170,9 @@ class InstanceActor(HandoffMixin, TransportHost):
         self._phase("allocating the KV pool")
         engine = Engine(model, inst.kv_blocks, inst.block_size, instance_id=self.id,
                         max_num_seqs=inst.max_num_seqs, max_batch_tokens=inst.max_batch_tokens,
-                        max_lend_fraction=lend.max_lend_fraction, min_free_fraction=lend.min_free_fraction)
+                        max_lend_fraction=lend.max_lend_fraction, min_free_fraction=lend.min_free_fraction,
+                        prefix_cache=self.cfg.prefix_cache.enabled,
+                        prefix_salt=model_salt(self.cfg.model))
         self.weights["ready_s"] = time.perf_counter() - t0    # weights + model + KV pool
         self.weights["shared"] = device == "cpu" and self.manager is not None and \
             all_shared(list(model.parameters()))
@@ -311,6 +321,10 @@ class InstanceActor(HandoffMixin, TransportHost):
                 raise CapacityError(f"fabric queue full: instance {self.id} already has {queued} "
                                     f"requests waiting (instances.max_queued_requests)")
             self.waiters[r["id"]] = w
+            if r.get("prefix_source") is not None:
+                lease = self._reuse_remote_prefix(r["prompt"], params, r["prefix_source"])
+                if lease is not None:
+                    self.waiting_leases[r["id"]] = lease
             self.inbox.put((r["id"], r["prompt"], params))
         except FabricError as e:
             w.done(id=r["id"], error=str(e), error_type=type(e).__name__)
@@ -405,6 +419,8 @@ class InstanceActor(HandoffMixin, TransportHost):
                 self.inbox.get_nowait()
             except queue.Empty:
                 break
+        for req_id in list(self.waiting_leases):
+            self._drop_lease(self.waiting_leases.pop(req_id, None))
         with self.lock:
             for req_id in list(self.engine.seqs):
                 self.engine.abort(req_id)
@@ -506,13 +522,17 @@ class InstanceActor(HandoffMixin, TransportHost):
                 req_id, prompt, params = self.inbox.get_nowait()
             except queue.Empty:
                 return
+            lease = self.waiting_leases.pop(req_id, None)
             if req_id in self.cancelled:
                 self.cancelled.discard(req_id)
+                self._drop_lease(lease)
                 continue
             try:
                 with self.lock:
                     self.engine.add_request(prompt, params, req_id=req_id)
+                    self.engine.seqs[req_id].lease = lease
             except FabricError as e:
+                self._drop_lease(lease)
                 w = self.waiters.pop(req_id, None)
                 if w is not None:
                     w.done(id=req_id, error=str(e), error_type=type(e).__name__)
@@ -643,7 +663,8 @@ class InstanceActor(HandoffMixin, TransportHost):
         q, k_new, v_new, slots, tables, kv_lens, cu = tensors
         used = tables[tables >= 0].tolist()
         written = (slots // self.engine.rm.block_size).tolist()
-        if not self.engine.rm.holds_for(src, used + written):
+        rm = self.engine.rm                   # reads: lent or pinned for src; writes: lent only
+        if not rm.holds_for(src, written) or not rm.holds_for(src, used, read_only=True):
             raise ValueError(f"instance {src} touched blocks it did not borrow here")
         dev = self.engine.device
         shard = Shard(self.id, None, tables.to(dev), kv_lens.to(dev), cu.to(dev), None,
@@ -653,6 +674,145 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.num_remote_partials_served += 1
         self.serve_seconds += time.perf_counter() - t0
         return {}, [out, lse]
+
+    # ---- prefix reuse across instances ----------------------------------------------------
+    def _publish_prefix(self) -> None:
+        """Tell the fabric-wide prefix index what this instance cached and evicted since the
+        last batch (its whole cache after a refused batch: a restarted controller, a lost
+        call). Never on the token path: one call per heartbeat at most."""
+        with self.lock:
+            cache = self.engine.rm.cache
+            if not cache.enabled:
+                return
+            events = cache.take_events()
+            if self._prefix_snapshot:
+                base, added, removed = None, cache.snapshot(), []
+            else:
+                net = dict((h, add) for add, h in events)       # the last event of a hash wins
+                base = self._prefix_gen
+                added = [h for h, add in net.items() if add]
+                removed = [h for h, add in net.items() if not add]
+        if base is not None and not added and not removed:
+            self._prefix_quiet += 1
+            if self._prefix_quiet < PREFIX_QUIET_BEATS:
+                return
+        self._prefix_quiet = 0
+        gen = self._prefix_gen + 1
+        try:
+            ok = ray.get(self.controller.prefix_events.remote(self.id, gen, base, added, removed),
+                         timeout=CONTROL_TIMEOUT_S)
+        except Exception:
+            ok = False
+        if ok:
+            self._prefix_gen, self._prefix_snapshot = gen, False
+        else:
+            self._prefix_snapshot = True
+
+    def _reuse_remote_prefix(self, prompt: list[int], params: SamplingParams, source) -> tuple | None:
+        """The router says instance `source[0]` caches `source[1]` leading blocks of `prompt`,
+        more than this one. Lease them (attend there), copy them here, or recompute, by
+        measured cost (`prefix_cache.remote`). Returns a lease for the request, or None."""
+        holder, nblocks = int(source[0]), int(source[1])
+        cfg, rm, engine = self.cfg.prefix_cache, self.engine.rm, self.engine
+        if holder == self.id or holder >= len(self.peers) or holder in self.dead_peers \
+                or engine.scheduler.salt is None:
+            return None
+        hashes = prompt_hashes(prompt, rm.block_size, engine.scheduler.salt)[:nblocks]
+        with self.lock:
+            local = len(rm.cache.lookup(hashes))
+            need = rm.blocks_for(len(prompt) + params.max_new_tokens) - local
+            room = rm.num_free - engine.scheduler.num_committed() >= need
+        extra = len(hashes) - local
+        if extra < cfg.min_remote_blocks:
+            return None
+        how = cfg.remote if cfg.remote != "auto" else engine.reuse_costs.choose(
+            extra * rm.block_size, extra * engine.kv.bytes_per_block, params.max_new_tokens, room)
+        if how == "recompute":
+            self.remote_prefix["recompute"] += 1
+            return None
+        t0 = time.perf_counter()
+        try:
+            pinned = ray.get(self.peers[holder].pin_prefix.remote(self.id, hashes[local:]),
+                             timeout=CONTROL_TIMEOUT_S)
+        except Exception:
+            return None
+        engine.reuse_costs.observe_call(time.perf_counter() - t0)
+        if not pinned:
+            return None
+        if how == "lease":
+            self.remote_prefix["lease"] += 1
+            self.remote_prefix["blocks_leased"] += len(pinned)
+            return (holder, local, pinned)
+        try:
+            self._copy_cached(holder, hashes[local:local + len(pinned)], pinned)
+        finally:
+            self._unpin_remote(holder, pinned)
+        return None
+
+    def _copy_cached(self, holder: int, hashes: list[bytes], pinned: list[int]) -> None:
+        """Copy the KV of `pinned` blocks of `holder`'s cache into this pool (cached here,
+        evictable) over the data plane."""
+        rm = self.engine.rm
+        with self.lock:
+            blocks = rm.import_cached(len(pinned))
+        if not blocks:
+            return
+        written: list[bytes] = []
+        t0 = time.perf_counter()
+        try:
+            k, v = self._read_lent_from(holder, pinned)
+            with self.lock:
+                self.engine.kv.write_blocks(blocks, k, v)
+            written = hashes
+        except Exception:
+            log.warning("instance %d: copying cached prefix blocks from %d failed", self.id,
+                        holder, exc_info=True)
+        finally:
+            with self.lock:
+                rm.finish_import(written, blocks)
+        if written:
+            self.engine.reuse_costs.observe_copy(len(blocks) * self.engine.kv.bytes_per_block,
+                                                 time.perf_counter() - t0)
+            self.remote_prefix["copy"] += 1
+            self.remote_prefix["blocks_copied"] += len(blocks)
+
+    def _unpin_remote(self, holder: int, blocks: list[int]) -> None:
+        if holder < len(self.peers) and holder not in self.dead_peers:
+            try:
+                self.peers[holder].unpin_prefix.remote(self.id, list(blocks))
+            except Exception:
+                pass
+
+    def _drop_lease(self, lease) -> None:
+        if lease is not None:
+            self._unpin_remote(lease[0], lease[2])
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def pin_prefix(self, reader: int, hashes: list[bytes]) -> list[int]:
+        """Pin the longest cached prefix of `hashes` for `reader` (read-only: it attends over
+        them here, or copies them); returns the block ids."""
+        if self.draining or self.stopped:
+            return []
+        with self.lock:
+            return self.engine.rm.pin(reader, hashes)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def unpin_prefix(self, reader: int, blocks: list[int]) -> None:
+        with self.lock:
+            try:
+                self.engine.rm.unpin(reader, blocks)
+            except ValueError:     # dropped already (the reader was declared dead)
+                log.warning("instance %d: stray unpin from %d", self.id, reader)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def reset_prefix_cache(self) -> int:
+        """Evict every cached block no request uses; returns how many."""
+        with self.lock:
+            return self.engine.reset_prefix_cache()
+
+    def prefix_stats(self) -> dict:
+        return self.engine.prefix_stats() | {"remote": dict(self.remote_prefix),
+                                             "reuse_costs": dict(self.engine.reuse_costs.est)}
 
     # ---- books for the controller and stats ------------------------------------------------
     def _heartbeats(self) -> None:
@@ -665,6 +825,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                 last = now
             except Exception:
                 pass
+            self._publish_prefix()
             time.sleep(self.cfg.lending.heartbeat_s)
 
     def _refresh_metrics(self, seconds: float) -> None:
@@ -702,7 +863,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                     "remote_partials_served": self.num_remote_partials_served,
                     "recoveries": self.num_recoveries, "dead_peers": sorted(self.dead_peers),
                     "loop_faults": self.num_loop_faults, "unhealthy": self.unhealthy,
-                    "serve_seconds": self.serve_seconds,
+                    "serve_seconds": self.serve_seconds, "prefix_cache": self.prefix_stats(),
                     "remote_wait_seconds": getattr(self.engine.remote, "wait_seconds", 0.0),
                     "transport": self.transport.stats() if self.transport else {}}
 

@@ -155,6 +155,20 @@ def connect(name: str, *, address: str | None = None) -> "Fabric":
     return Fabric(name, cfg, controller, instances, False, manager, members)
 
 
+def _prefix_totals(instances: list[dict], index_blocks: int) -> dict:
+    """`stats()["prefix_cache"]`: fabric-wide sums of the instances' prefix-cache counters
+    (tokens at first admission: a recompute is never a hit), and each instance's own."""
+    per = {s["id"]: s["prefix_cache"] for s in instances if "prefix_cache" in s}
+    total = {k: sum(p[k] for p in per.values())
+             for k in ("queries", "hits", "leased_hits", "blocks_cached", "blocks_evictable",
+                       "evictions")}
+    remote = {k: sum(p["remote"][k] for p in per.values())
+              for k in ("lease", "copy", "recompute", "blocks_copied", "blocks_leased")}
+    return total | {"hit_rate": total["hits"] / total["queries"] if total["queries"] else 0.0,
+                    "remote": remote, "index_blocks": index_blocks,
+                    "enabled": any(p["enabled"] for p in per.values()), "instances": per}
+
+
 class Fabric:
     """A running fabric: a controller, an elastic manager and the instance (replica) actors."""
 
@@ -176,6 +190,9 @@ class Fabric:
         self.tokenizer = self._tokenizer()
         self._next_home = 0
         self._homes: dict[str, object] = {}   # streamed request id -> home instance actor
+        from fabric.prefix_cache import model_salt
+
+        self._salt = model_salt(cfg.model)    # names prefix blocks as the instances do
 
     @property
     def max_request_blocks(self) -> int:
@@ -347,8 +364,8 @@ class Fabric:
         while todo:
             instances = self.instances             # one snapshot: scaling may swap the list
             groups: dict[int, list[dict]] = {}
-            for r in todo:
-                groups.setdefault(self._pick_home(instances), []).append(r)
+            for r, home in zip(todo, self._route(todo, instances)):
+                groups.setdefault(home, []).append(r)
             refs = {h: instances[h].generate.remote(rs) for h, rs in groups.items()}
             todo = []
             for h, ref in refs.items():
@@ -400,7 +417,7 @@ class Fabric:
             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
             ignore_eos=ignore_eos, **sampling) | {"id": request_id})
         instances = self.instances
-        instance = instances[self._pick_home(instances)]
+        instance = instances[self._route([req], instances)[0]]
         self._homes[req["id"]] = instance
         gen = instance.stream.options(num_returns="streaming").remote(req)
         finished = False
@@ -437,6 +454,34 @@ class Fabric:
         if instance is None:
             return False
         return ray.get(instance.abort.remote(request_id), timeout=CONTROL_TIMEOUT_S)
+
+    def _route(self, reqs: list[dict], instances: list) -> list[int]:
+        """Homes for `reqs` by cached prefix and load (one controller call for them all, see
+        fabric/routing.py); a request whose prefix is better cached on a busier instance
+        carries `prefix_source` so its home can lease, copy or recompute it. Round robin when
+        routing is off or the controller does not answer (a restart: misses, never wrong KV)."""
+        import ray
+
+        from fabric.prefix_cache import prompt_hashes
+
+        pc = self.cfg.prefix_cache
+        live = [i for i in range(len(instances)) if i not in self.dead and instances[i] is not None]
+        for r in reqs:
+            r.pop("prefix_source", None)
+        if pc.routing and live:
+            bs = self.block_size
+            payload = [(prompt_hashes(r["prompt"], bs, self._salt) if pc.enabled else [],
+                        -(-(len(r["prompt"]) + r["max_new_tokens"]) // bs)) for r in reqs]
+            try:
+                routes = ray.get(self.controller.route.remote(payload, live), timeout=CONTROL_TIMEOUT_S)
+            except Exception:
+                routes = None
+            if routes is not None and all(h in live for h, _, _ in routes):
+                for r, (_, _, source) in zip(reqs, routes):
+                    if source is not None:
+                        r["prefix_source"] = list(source)
+                return [h for h, _, _ in routes]
+        return [self._pick_home(instances) for _ in reqs]
 
     def _pick_home(self, instances: list | None = None) -> int:
         """Round robin over the live instances of `instances` (default: the current list)."""
@@ -483,7 +528,17 @@ class Fabric:
         elastic = ray.get(self.manager.stats.remote(), timeout=CONTROL_TIMEOUT_S)
         return {"instances": [{k: s[k] for k in keys} | {"detail": s} for s in inst],
                 "lending": lending, "elastic": elastic,
+                "prefix_cache": _prefix_totals(inst, ctrl.get("prefix_index_blocks", 0)),
                 "controller": {"calls": ctrl["calls"]}}
+
+    def reset_prefix_cache(self) -> int:
+        """Evict every cached prefix block no request uses, on every instance (as vLLM's
+        `reset_prefix_cache`); returns how many blocks were evicted."""
+        import ray
+
+        self._sync_members()
+        live = [a for i, a in enumerate(self.instances) if i not in self.dead and a is not None]
+        return sum(ray.get([a.reset_prefix_cache.remote() for a in live], timeout=CONTROL_TIMEOUT_S))
 
     def scale(self, replicas: int) -> dict:
         """Run `replicas` instances: new ones map the weights already published on their node

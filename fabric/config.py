@@ -19,6 +19,7 @@ FILE_PRESETS = ("smollm2-135m-instruct",)   # a real checkpoint file: resolved t
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("auto", "torch", "ray")
+REMOTE_PREFIX = ("auto", "lease", "copy", "recompute")
 
 
 def _positive(path: str, value: float) -> None:
@@ -111,6 +112,30 @@ class TransportConfig:
 
 
 @dataclass(frozen=True)
+class PrefixCacheConfig:
+    """KV reuse (see docs/prefix-cache.md): cached prefix blocks, the fabric-wide index and
+    cache-aware routing."""
+    enabled: bool = True
+    routing: bool = True                # cache-aware routing (else round robin)
+    overlap_weight: float = 1.0         # cost = overlap_weight x prefill blocks + decode blocks
+    balance_threshold: float = 1.5      # busier than this x (mean outstanding + 1): no affinity
+    remote: str = "auto"                # another instance's cached prefix: auto by measured
+                                        # cost, or always lease / copy / recompute
+    min_remote_blocks: int = 2          # fewer extra cached blocks elsewhere: just compute
+
+    def validate(self, prefix: str) -> None:
+        if self.overlap_weight < 0:
+            raise ConfigError(f"{prefix}.overlap_weight must be >= 0, got {self.overlap_weight}")
+        if self.balance_threshold < 1:
+            raise ConfigError(f"{prefix}.balance_threshold must be >= 1, got "
+                              f"{self.balance_threshold}")
+        _one_of(f"{prefix}.remote", self.remote, REMOTE_PREFIX)
+        if self.min_remote_blocks < 1:
+            raise ConfigError(f"{prefix}.min_remote_blocks must be >= 1, got "
+                              f"{self.min_remote_blocks}")
+
+
+@dataclass(frozen=True)
 class AutoscaleConfig:
     """Elastic replicas (instances). Automatic scaling runs when `max_replicas` is set; the
     Serve-like keys have Ray Serve's meanings (see autoscale/policy.py and docs/elastic.md)."""
@@ -163,6 +188,7 @@ class FabricConfig:
     lending: LendingConfig = field(default_factory=LendingConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+    prefix_cache: PrefixCacheConfig = field(default_factory=PrefixCacheConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

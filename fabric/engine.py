@@ -16,7 +16,7 @@ from fabric.distattn import DistAttention, RemotePartials
 from fabric.errors import CapacityError, RequestError
 from fabric.kv_cache import KVCache
 from fabric.model import Transformer
-from fabric.prefix_cache import HASH_BYTES
+from fabric.prefix_cache import HASH_BYTES, ReuseCosts
 from fabric.rmanager import RManager
 from fabric.sampling import sample
 from fabric.scheduler import Scheduler
@@ -51,6 +51,7 @@ class Engine:
         self._ids = itertools.count()
         self.num_generated = 0
         self.num_steps = 0
+        self.reuse_costs = ReuseCosts()     # how to use another instance's cached prefix
 
     # ---- requests ------------------------------------------------------------------------
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
@@ -108,6 +109,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return [], []
+        t0 = time.perf_counter()
         chunks = [SeqChunk(seq.tokens[seq.num_computed: seq.num_computed + n], seq.num_computed,
                            self.rm.tables[seq.req_id], seq.num_computed + n == seq.num_tokens)
                   for seq, n in batch]
@@ -116,6 +118,8 @@ class Engine:
         hidden = self.model(ctx.input_ids, ctx.positions, attn)
         logits = self.model.logits(hidden[ctx.logits_idx])
         self.num_steps += 1
+        prefill = sum(n for seq, n in batch if n > 1 or seq.num_computed < len(seq.prompt))
+        self.reuse_costs.observe_step(prefill, len(batch), bool(ctx.remote), time.perf_counter() - t0)
         for seq, n in batch:
             seq.num_computed += n
             self.scheduler.computed(seq)

@@ -136,3 +136,53 @@ class PrefixCache:
         for h, b in self.block_of.items():
             assert self.hash_of.get(b) == h, f"block {b} and its hash disagree"
         assert all(b in self.hash_of for b in self.evictable), "an evictable block is not cached"
+
+
+class ReuseCosts:
+    """Measured costs that choose how a request uses cached prefix blocks another instance
+    holds: lease them (attend there, every decode step pays a split step), copy them over the
+    data plane into this pool, or recompute them. Each estimate starts from a prior and follows
+    what this instance measures (exponential moving averages)."""
+
+    PRIORS = {"prefill_s_per_token": 1e-3, "split_extra_s": 0.02, "copy_s_per_byte": 1e-9,
+              "call_s": 0.005}
+    ALPHA = 0.2
+
+    def __init__(self):
+        self.est = dict(self.PRIORS)
+        self.measured = {k: 0 for k in self.PRIORS}
+        self._local_decode_s: float | None = None
+
+    def _observe(self, key: str, value: float) -> None:
+        n = self.measured[key]
+        self.est[key] = value if n == 0 else (1 - self.ALPHA) * self.est[key] + self.ALPHA * value
+        self.measured[key] = n + 1
+
+    def observe_step(self, prefill_tokens: int, num_seqs: int, split: bool, seconds: float) -> None:
+        if prefill_tokens >= 32 and not split:
+            self._observe("prefill_s_per_token", seconds / prefill_tokens)
+        elif prefill_tokens == 0 and not split:
+            self._local_decode_s = seconds if self._local_decode_s is None else \
+                0.8 * self._local_decode_s + 0.2 * seconds
+        elif prefill_tokens == 0 and self._local_decode_s is not None:
+            self._observe("split_extra_s", max(0.0, seconds - self._local_decode_s))
+
+    def observe_copy(self, nbytes: int, seconds: float) -> None:
+        self._observe("copy_s_per_byte", seconds / max(1, nbytes))
+
+    def observe_call(self, seconds: float) -> None:
+        self._observe("call_s", seconds)
+
+    def estimates(self, tokens: int, nbytes: int, decode_steps: int) -> dict[str, float]:
+        e = self.est
+        return {"recompute": tokens * e["prefill_s_per_token"],
+                "copy": 2 * e["call_s"] + nbytes * e["copy_s_per_byte"],
+                "lease": e["call_s"] + decode_steps * e["split_extra_s"]}
+
+    def choose(self, tokens: int, nbytes: int, decode_steps: int, room: bool) -> str:
+        """The cheapest way; without `room` for the blocks here, only a lease avoids waiting
+        for memory (or borrowing it)."""
+        if not room:
+            return "lease"
+        est = self.estimates(tokens, nbytes, decode_steps)
+        return min(est, key=est.get)

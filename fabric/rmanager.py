@@ -44,6 +44,7 @@ class RManager:
         self.refs = [0] * num_blocks                 # users of each local block (tables, pins)
         self.leases: dict[int, dict[int, int]] = {}  # reader instance -> block -> read pins
         self.lease_span: dict[str, tuple[int, int]] = {}  # request -> leased table positions
+        self.importing: set[int] = set()             # blocks receiving copied cached KV
         self.lend_cap = int(max_lend_fraction * num_blocks)
         self.min_free = reserve_blocks(num_blocks, min_free_fraction)
         self.tables: dict[str, list[BlockRef]] = {}
@@ -200,17 +201,22 @@ class RManager:
             if ref.instance == self.instance_id:
                 self.cache.register(hashes[j], ref.block)
 
-    def import_cached(self, hashes: list[bytes]) -> list[int]:
-        """Local blocks to receive copied KV of `hashes` (not cached here yet): taken from the
-        pool now and cached, evictable, once `finish_import` says their KV is written."""
-        n = sum(1 for h in hashes if h not in self.cache.block_of)
-        if n == 0 or n > self.num_free:
+    def import_cached(self, n: int) -> list[int]:
+        """`n` local blocks to receive KV copied from another instance's cache (none when
+        there is no room); they are cached, evictable, by `finish_import`."""
+        if n > self.num_free:
             return []
-        return self.take_local(n)
+        ids = self.take_local(n)
+        self.importing.update(ids)
+        return ids
 
     def finish_import(self, hashes: list[bytes], blocks: list[int]) -> None:
-        for h, b in zip(hashes, blocks):
-            self.cache.register(h, b)
+        """The KV of `hashes` is written into `blocks[:len(hashes)]`: cache those; the rest
+        (the holder had fewer) are freed."""
+        for j, b in enumerate(blocks):
+            self.importing.discard(b)
+            if j < len(hashes):
+                self.cache.register(hashes[j], b)
             self._unref(b)
 
     def pin(self, reader: int, hashes: list[bytes]) -> list[int]:
@@ -338,6 +344,8 @@ class RManager:
         for pins in self.leases.values():
             for blk, n in pins.items():
                 users[blk] += n
+        for blk in self.importing:
+            users[blk] += 1
         assert users == self.refs, "reference counts drift from the tables and pins"
         used = sum(1 for n in users if n)
         lent = set().union(*self.lent.values()) if self.lent else set()

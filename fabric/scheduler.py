@@ -55,7 +55,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._drop_inflight(seq)
-        self._drop_lease(seq)
+        self.drop_lease(seq)
         self.rm.free(seq.req_id)
 
     def num_committed(self) -> int:
@@ -144,7 +144,7 @@ class Scheduler:
     def _attach_prefix(self, seq: Sequence) -> None:
         """Start `seq` from its longest cached prefix: local blocks, then leased ones."""
         if self.salt is None:
-            self._drop_lease(seq)
+            self.drop_lease(seq)
             return
         hashes = self._hashes(seq)
         k = self.rm.attach_cached(seq.req_id, hashes)
@@ -201,7 +201,7 @@ class Scheduler:
             else:
                 self.inflight.pop(h, None)
 
-    def _drop_lease(self, seq: Sequence) -> None:
+    def drop_lease(self, seq: Sequence) -> None:
         if seq.lease is not None:
             holder, _, blocks = seq.lease
             seq.lease = None

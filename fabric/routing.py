@@ -1,0 +1,134 @@
+"""The fabric-wide prefix index and cache-aware routing (kept by the controller, off the token
+path). Free of Ray: the controller actor hosts one `Router`.
+
+Index: instances publish the hashes of blocks they cache and evict, in batches with their
+heartbeats (`apply`). Each batch names the generation it follows; a batch that does not follow
+what the index holds (lost message, restarted controller) is refused and the instance sends
+its whole cache next. A lost or stale index only causes misses: an instance serves KV only
+for hashes it really holds, checked when a request arrives.
+
+Routing (`route`): a request goes where `overlap_weight x prefill_blocks + decode_blocks` is
+least, where prefill_blocks are the prompt blocks not cached there and decode_blocks the KV
+blocks it already holds for running requests (plus what this call sent it). An instance
+busier than `balance_threshold x (mean outstanding requests + 1)` gets no credit for its cache,
+so a hot prefix does not pile all traffic on one instance. Requests of one call that share a
+prefix are counted as cached where the first of them went (they are computed once there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Load:
+    outstanding: float = 0.0     # requests running or waiting
+    blocks_used: int = 0         # KV blocks held for running requests
+
+
+class PrefixIndex:
+    def __init__(self):
+        self.holders: dict[bytes, set[int]] = {}
+        self.of: dict[int, set[bytes]] = {}
+        self.gen: dict[int, int] = {}
+
+    def apply(self, instance: int, gen: int, base: int | None, added: list[bytes],
+              removed: list[bytes]) -> bool:
+        """Apply one batch from `instance`: `base` None = a whole snapshot in `added`; else the
+        generation this batch follows. False: refused, send a snapshot."""
+        if base is None:
+            self.remove_instance(instance)
+        elif self.gen.get(instance) != base:
+            return False
+        mine = self.of.setdefault(instance, set())
+        for h in removed:
+            if h in mine:
+                mine.discard(h)
+                holders = self.holders.get(h)
+                if holders is not None:
+                    holders.discard(instance)
+                    if not holders:
+                        del self.holders[h]
+        for h in added:
+            mine.add(h)
+            self.holders.setdefault(h, set()).add(instance)
+        self.gen[instance] = gen
+        return True
+
+    def remove_instance(self, instance: int) -> None:
+        for h in self.of.pop(instance, ()):
+            holders = self.holders.get(h)
+            if holders is not None:
+                holders.discard(instance)
+                if not holders:
+                    del self.holders[h]
+        self.gen.pop(instance, None)
+
+    def match(self, hashes: list[bytes]) -> dict[int, int]:
+        """Instance -> how many leading blocks of `hashes` it caches (only those with any)."""
+        out: dict[int, int] = {}
+        alive = set(self.holders.get(hashes[0], ())) if hashes else set()
+        for j, h in enumerate(hashes):
+            holders = self.holders.get(h, set())
+            for inst in [i for i in alive if i not in holders]:
+                out[inst] = j
+                alive.discard(inst)
+            if not alive:
+                break
+        else:
+            for inst in alive:
+                out[inst] = len(hashes)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.holders)
+
+
+@dataclass(slots=True)
+class Route:
+    home: int
+    cached_blocks: int               # leading prompt blocks cached at home (index or this call)
+    source: tuple[int, int] | None   # (instance, blocks): a better-cached instance elsewhere
+
+
+def route(requests: list[tuple[list[bytes], int]], live: list[int], loads: dict[int, Load],
+          index: PrefixIndex, overlap_weight: float = 1.0, balance_threshold: float = 1.5,
+          min_remote_blocks: int = 2, affinity: bool = True) -> list[Route]:
+    """Homes for `requests` ([(prompt block hashes, total blocks)]) among `live` ranks. What
+    each route adds is counted in `loads` (the next heartbeat of that instance replaces it)."""
+    if not live:
+        raise ValueError("no live instance to route to")
+    load = {i: loads.setdefault(i, Load()) for i in live}
+    placed: dict[int, set[bytes]] = {i: set() for i in live}    # hashes sent there this call
+    out = []
+    for n, (hashes, total) in enumerate(requests):
+        indexed = index.match(hashes) if affinity and hashes else {}
+        mean = sum(x.outstanding for x in load.values()) / len(load)
+        best, best_key, best_cached = live[0], None, 0
+        for k, i in enumerate(live):
+            cached = max(indexed.get(i, 0), _leading(hashes, placed[i])) if affinity else 0
+            if load[i].outstanding + 1 > balance_threshold * (mean + 1):
+                cached = 0                                      # too busy for affinity
+            cost = overlap_weight * (len(hashes) - cached) + load[i].blocks_used
+            key = (cost, load[i].outstanding, (k - n) % len(live))   # ties: spread
+            if best_key is None or key < best_key:
+                best, best_key, best_cached = i, key, cached
+        source = None
+        if indexed:
+            holder = max(indexed, key=lambda i: (indexed[i], -load.get(i, Load()).outstanding))
+            if holder != best and indexed[holder] - best_cached >= min_remote_blocks:
+                source = (holder, indexed[holder])
+        out.append(Route(best, best_cached, source))
+        load[best].outstanding += 1
+        load[best].blocks_used += max(0, total - best_cached)
+        placed[best].update(hashes)
+    return out
+
+
+def _leading(hashes: list[bytes], have: set[bytes]) -> int:
+    n = 0
+    for h in hashes:
+        if h not in have:
+            break
+        n += 1
+    return n
