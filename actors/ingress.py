@@ -177,7 +177,7 @@ class OpenAIIngress:
             call.close()
             return JSONResponse(oa.response(req, final["text"], final["finish_reason"],
                                             int(final["num_prompt_tokens"]),
-                                            len(final["tokens"])))
+                                            len(final["tokens"]), _cached_tokens(final)))
         except BaseException:                    # the client went away (cancelled): abort
             call.close()
             raise
@@ -346,7 +346,8 @@ class _Timing:
         now = time.perf_counter()
         if "finish_reason" in item:
             self.metrics.request_finished(item["finish_reason"], int(item["num_prompt_tokens"]),
-                                          len(item["tokens"]), now - self.arrival)
+                                          len(item["tokens"]), now - self.arrival,
+                                          _cached_tokens(item))
             return
         if self.last is None:
             self.metrics.first_token(now - self.arrival)
@@ -407,3 +408,8 @@ def undeploy(name: str) -> bool:
     if not serve.status().applications:
         serve.shutdown()
     return True
+
+
+def _cached_tokens(event: dict) -> int:
+    """Prompt tokens of a finished request served from a prefix cache."""
+    return int((event.get("metrics") or {}).get("cached_tokens", 0))

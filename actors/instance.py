@@ -113,6 +113,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.remote_prefix = {"lease": 0, "copy": 0, "recompute": 0, "blocks_copied": 0,
                               "blocks_leased": 0}
         self._prefix_gen, self._prefix_snapshot, self._prefix_quiet = 0, True, 0
+        self._prefix_pending: tuple | None = None     # (ref, generation, sent at)
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
 
     def _attach_tokenizer(self) -> None:
@@ -678,8 +679,23 @@ class InstanceActor(HandoffMixin, TransportHost):
     # ---- prefix reuse across instances ----------------------------------------------------
     def _publish_prefix(self) -> None:
         """Tell the fabric-wide prefix index what this instance cached and evicted since the
-        last batch (its whole cache after a refused batch: a restarted controller, a lost
-        call). Never on the token path: one call per heartbeat at most."""
+        last batch (its whole cache after a refused or lost batch: a restarted controller).
+        Never on the token path, and never blocking the heartbeat: at most one batch is in
+        flight, and its answer is read at a later beat."""
+        if self._prefix_pending is not None:
+            ref, gen, sent_at = self._prefix_pending
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready and time.monotonic() - sent_at < CONTROL_TIMEOUT_S:
+                return                          # still in flight: events keep accumulating
+            self._prefix_pending = None
+            try:
+                ok = bool(ready) and ray.get(ref, timeout=0) is True
+            except Exception:
+                ok = False
+            if ok:
+                self._prefix_gen, self._prefix_snapshot = gen, False
+            else:
+                self._prefix_snapshot = True
         with self.lock:
             cache = self.engine.rm.cache
             if not cache.enabled:
@@ -699,13 +715,9 @@ class InstanceActor(HandoffMixin, TransportHost):
         self._prefix_quiet = 0
         gen = self._prefix_gen + 1
         try:
-            ok = ray.get(self.controller.prefix_events.remote(self.id, gen, base, added, removed),
-                         timeout=CONTROL_TIMEOUT_S)
+            ref = self.controller.prefix_events.remote(self.id, gen, base, added, removed)
+            self._prefix_pending = (ref, gen, time.monotonic())
         except Exception:
-            ok = False
-        if ok:
-            self._prefix_gen, self._prefix_snapshot = gen, False
-        else:
             self._prefix_snapshot = True
 
     def _reuse_remote_prefix(self, prompt: list[int], params: SamplingParams, source) -> tuple | None:
@@ -833,7 +845,8 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.metrics.refresh(total=rm.num_blocks, free=rm.num_free, lent=rm.num_lent,
                              borrowed=rm.num_borrowed, waiting=len(sched.waiting),
                              running=len(sched.running), generated=self.engine.num_generated,
-                             borrow_events=rm.num_borrow_events, seconds=seconds)
+                             borrow_events=rm.num_borrow_events, seconds=seconds,
+                             prefix={k: self.engine.scheduler.prefix[k] for k in ("queries", "hits")})
 
     def heartbeat(self) -> dict:
         with self.lock:

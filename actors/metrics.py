@@ -28,6 +28,11 @@ class InstanceMetrics:
                                              tag_keys=tags)
         self.tokens = metrics.Counter("kv_fabric_generated_tokens", description="tokens generated",
                                       tag_keys=tags)
+        self.prefix = {kind: metrics.Counter(f"kv_fabric_prefix_cache_{kind}",
+                                             description=f"prompt tokens: {text}", tag_keys=tags)
+                       for kind, text in (("queries", "looked up in the prefix cache"),
+                                          ("hits", "served from a prefix cache"))}
+        self._last_prefix = {"queries": 0, "hits": 0}
         self.ttft = metrics.Histogram("kv_fabric_ttft_seconds", description="time to first token",
                                       boundaries=LATENCY_BUCKETS, tag_keys=tags)
         self.tpot = metrics.Histogram("kv_fabric_tpot_seconds", description="time per output token",
@@ -35,8 +40,13 @@ class InstanceMetrics:
         self._last_tokens, self._last_borrows = 0, 0
 
     def refresh(self, *, total: int, free: int, lent: int, borrowed: int, waiting: int,
-                running: int, generated: int, borrow_events: int, seconds: float) -> None:
+                running: int, generated: int, borrow_events: int, seconds: float,
+                prefix: dict | None = None) -> None:
         t = self.tags
+        for kind, value in (prefix or {}).items():
+            if value > self._last_prefix[kind]:
+                self.prefix[kind].inc(value - self._last_prefix[kind], tags=t)
+                self._last_prefix[kind] = value
         for kind, value in (("used", total - free - lent), ("free", free), ("lent", lent),
                             ("borrowed", borrowed)):
             self.blocks[kind].set(value, tags=t)

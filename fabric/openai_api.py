@@ -299,9 +299,11 @@ def default_chat_max_tokens(num_prompt_tokens: int, max_positions: int, max_requ
 
 
 # ---- responses ---------------------------------------------------------------------------------
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens served from a prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def finish_reason(reason: str) -> str:
@@ -310,7 +312,7 @@ def finish_reason(reason: str) -> str:
 
 
 def response(req: Request, text: str, reason: str, prompt_tokens: int,
-             completion_tokens: int) -> dict:
+             completion_tokens: int, cached_tokens: int = 0) -> dict:
     """The body of a non-streaming answer."""
     if req.kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -321,7 +323,7 @@ def response(req: Request, text: str, reason: str, prompt_tokens: int,
                   "finish_reason": finish_reason(reason)}
         obj = "text_completion"
     return {"id": req.id, "object": obj, "created": req.created, "model": req.model,
-            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def sse(obj: dict) -> bytes:
@@ -377,7 +379,8 @@ class ChunkWriter:
         if self.req.include_usage:
             c = self._chunk(None)
             c["usage"] = usage(int(event.get("num_prompt_tokens", 0)),
-                               len(event.get("tokens") or []))
+                               len(event.get("tokens") or []),
+                               int((event.get("metrics") or {}).get("cached_tokens", 0)))
             out += sse(c)
         return out
 

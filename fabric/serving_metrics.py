@@ -34,6 +34,12 @@ METRICS = {
     "kv_blocks_lent": ("gauge", "KV blocks lent to other instances"),
     "kv_blocks_borrowed": ("gauge", "KV blocks borrowed from other instances"),
     "borrow_events_total": ("counter", "times an instance borrowed KV blocks"),
+    "prefix_cache_queries_total": ("counter", "prompt tokens looked up in the prefix cache "
+                                              "(first admissions; a recompute is not a query)"),
+    "prefix_cache_hits_total": ("counter", "prompt tokens served from a prefix cache"),
+    "prompt_tokens_cached_total": ("counter", "prompt tokens of finished requests served from a "
+                                              "prefix cache"),
+    "kv_blocks_cached": ("gauge", "KV blocks holding cached prefixes (in use or evictable)"),
     "num_instances": ("gauge", "live instances (replicas) of the fabric"),
     "stats_up": ("gauge", "1 when the last Fabric.stats() for the gauges succeeded"),
 }
@@ -87,7 +93,7 @@ class ServingMetrics:
         self._lock = threading.Lock()
         self.http: dict[tuple, int] = {}                 # (route, method, status) -> count
         self.finished: dict[str, int] = {}               # finish reason -> count
-        self.prompt_tokens = self.generation_tokens = 0
+        self.prompt_tokens = self.generation_tokens = self.cached_tokens = 0
         self.in_flight = 0
         self.ttft = _Histogram(TTFT_BUCKETS)
         self.itl = _Histogram(ITL_BUCKETS)
@@ -120,10 +126,11 @@ class ServingMetrics:
             self.finished["cancelled"] = self.finished.get("cancelled", 0) + 1
 
     def request_finished(self, reason: str, prompt_tokens: int, generated: int,
-                         seconds: float) -> None:
+                         seconds: float, cached_tokens: int = 0) -> None:
         with self._lock:
             self.finished[reason] = self.finished.get(reason, 0) + 1
             self.prompt_tokens += prompt_tokens
+            self.cached_tokens += cached_tokens
             self.generation_tokens += generated
             self.e2e.observe(seconds)
 
@@ -152,6 +159,7 @@ class ServingMetrics:
                 f"{_labels({**b, 'finished_reason': reason})} {n}"
                 for reason, n in sorted(self.finished.items())],
             "prompt_tokens_total": [f"{_labels(b)} {self.prompt_tokens}"],
+            "prompt_tokens_cached_total": [f"{_labels(b)} {self.cached_tokens}"],
             "generation_tokens_total": [f"{_labels(b)} {self.generation_tokens}"],
             "num_requests_in_flight": [f"{_labels(b)} {self.in_flight}"],
             "stats_up": [f"{_labels(b)} {0 if stats is None else 1}"],
@@ -180,5 +188,8 @@ def gauges(stats: dict) -> dict[str, float]:
         "kv_blocks_lent": sum(i["blocks_lent"] for i in inst),
         "kv_blocks_borrowed": sum(i["blocks_borrowed"] for i in inst),
         "borrow_events_total": stats.get("lending", {}).get("borrow_events", 0),
+        "prefix_cache_queries_total": stats.get("prefix_cache", {}).get("queries", 0),
+        "prefix_cache_hits_total": stats.get("prefix_cache", {}).get("hits", 0),
+        "kv_blocks_cached": stats.get("prefix_cache", {}).get("blocks_cached", 0),
         "num_instances": len(inst),
     }

@@ -445,6 +445,23 @@ class TestTinyServer:
                                                 temperature=0, extra_body={"ignore_eos": True})
         assert out.choices[0].text == ref["text"] and out.usage.prompt_tokens == len(ids)
 
+    def test_usage_counts_prompt_tokens_served_from_the_prefix_cache(self, tiny):
+        prompt = "A fabric-wide prefix index routes a repeated prompt to its cached KV. " * 2
+        first = tiny["client"].completions.create(model="tiny-llama", prompt=prompt, max_tokens=4,
+                                                  temperature=0, extra_body={"ignore_eos": True})
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        deadline = time.monotonic() + 120          # the index learns with the next heartbeats
+        while True:
+            again = tiny["client"].completions.create(
+                model="tiny-llama", prompt=prompt, max_tokens=4, temperature=0,
+                extra_body={"ignore_eos": True})
+            cached = again.usage.prompt_tokens_details.cached_tokens
+            if cached > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert 0 < cached < again.usage.prompt_tokens
+        assert again.choices[0].text == first.choices[0].text
+
     def test_streamed_completion_with_usage(self, tiny):
         prompt = "Attention runs where the KV lives."
         whole = tiny["client"].completions.create(model="tiny-llama", prompt=prompt,
@@ -577,6 +594,10 @@ class TestTinyServer:
         assert total("kvfabric:request_success_total", finished_reason="cancelled") >= 1
         assert total("kvfabric:generation_tokens_total") >= 12
         assert total("kvfabric:kv_blocks_total") == 64 and total("kvfabric:num_instances") == 2
+        # the prefix-cache test before this one repeated a prompt until it hit
+        assert total("kvfabric:prompt_tokens_cached_total") > 0
+        assert 0 < total("kvfabric:prefix_cache_hits_total") < \
+            total("kvfabric:prefix_cache_queries_total")
         for name in ("kvfabric:num_requests_running", "kvfabric:num_requests_waiting",
                      "kvfabric:kv_cache_usage_perc", "kvfabric:kv_blocks_borrowed"):
             assert len(samples[name]) == 1 and samples[name][0].labels["model_name"] == \
