@@ -27,7 +27,8 @@ def base_config(count: int, kv_blocks: int, block_size: int, lending: bool = Tru
     return {"model": {"preset": "tiny-llama"},
             "instances": {"count": count, "kv_blocks": kv_blocks, "block_size": block_size,
                           "max_batch_tokens": 512},
-            "lending": {"enabled": lending}}
+            "lending": {"enabled": lending},
+            "prefix_cache": {"routing": False}}     # homes are chosen (`_next_home`)
 
 
 def prompt_of(rng: random.Random, n: int) -> list[int]:

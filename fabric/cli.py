@@ -170,6 +170,10 @@ def run_demo(args) -> int:
         seconds = time.perf_counter() - t1
         long_res = out["r"]
         stats["lending"] = fab.stats()["lending"]
+        again = [{"role": "user", "content": document + "\n\nQuestion: according to the log "
+                  "above, how many crates of rope were counted on day 2?"}]
+        (follow,) = fab.chat([again], max_new_tokens=24)    # same document: its KV is reused
+        prefix, again_len = fab.stats()["prefix_cache"], len(fab.render_chat(again))
     total = prompt_len + args.max_new_tokens
     print(f"long document: {prompt_len} prompt tokens + up to {args.max_new_tokens} new = "
           f"{total} tokens of KV ({total / per_instance:.2f}x one instance's pool)")
@@ -178,6 +182,10 @@ def run_demo(args) -> int:
     _print_instances(stats)
     print(f"borrow events: {stats['lending']['borrow_events']}, "
           f"blocks borrowed: {stats['lending']['blocks_borrowed_total']}")
+    print(f"\na second question on the same document: {follow.metrics['cached_tokens']} of its "
+          f"{again_len} prompt tokens came from the prefix cache, ttft "
+          f"{follow.metrics['ttft_s']:.2f} s (the first: {long_res.metrics['ttft_s']:.2f} s); "
+          f"fabric-wide hit rate {prefix['hit_rate']:.0%}")
     try:
         check_capacity(total, cfg.instances.block_size, cfg.instances.kv_blocks)
         print("a single instance of the same size would hold it too")

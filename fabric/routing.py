@@ -8,8 +8,11 @@ its whole cache next. A lost or stale index only causes misses: an instance serv
 for hashes it really holds, checked when a request arrives.
 
 Routing (`route`): a request goes where `overlap_weight x prefill_blocks + decode_blocks` is
-least, where prefill_blocks are the prompt blocks not cached there and decode_blocks the KV
-blocks it already holds for running requests (plus what this call sent it). An instance
+least (the cost of Dynamo's KV router), where prefill_blocks are the prompt blocks not cached
+there and decode_blocks the KV blocks it holds for running requests (plus what this call sent
+it) and the blocks this request would add there. So requests of one call that share a prefix
+longer than a request's own blocks go to the same instance (the prefix is computed once). An
+instance
 busier than `balance_threshold x (mean outstanding requests + 1)` gets no credit for its cache,
 so a hot prefix does not pile all traffic on one instance. Requests of one call that share a
 prefix are counted as cached where the first of them went (they are computed once there).
@@ -109,7 +112,9 @@ def route(requests: list[tuple[list[bytes], int]], live: list[int], loads: dict[
             cached = max(indexed.get(i, 0), _leading(hashes, placed[i])) if affinity else 0
             if load[i].outstanding + 1 > balance_threshold * (mean + 1):
                 cached = 0                                      # too busy for affinity
-            cost = overlap_weight * (len(hashes) - cached) + load[i].blocks_used
+            # compute to do there, KV held there, and the KV this request would add there
+            cost = overlap_weight * (len(hashes) - cached) + load[i].blocks_used + \
+                max(0, total - cached)
             key = (cost, load[i].outstanding, (k - n) % len(live))   # ties: spread
             if best_key is None or key < best_key:
                 best, best_key, best_cached = i, key, cached

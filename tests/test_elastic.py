@@ -14,9 +14,11 @@ ray = pytest.importorskip("ray")
 import fabric  # noqa: E402
 from fabric.errors import FabricError, RequestError  # noqa: E402
 
+# these tests choose each request's home (`_next_home`): round robin, not cache-aware routing
 MOE = {"model": {"preset": "tiny-moe"},
        "instances": {"count": 1, "kv_blocks": 24, "block_size": 8, "max_batch_tokens": 64,
-                     "num_cpus": 0.5}}
+                     "num_cpus": 0.5},
+       "prefix_cache": {"routing": False}}
 
 
 @pytest.fixture(scope="module")

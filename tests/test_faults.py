@@ -13,7 +13,9 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 import fabric  # noqa: E402
 
-CONFIG = {"instances": {"count": 3, "kv_blocks": 12, "block_size": 8, "max_batch_tokens": 32}}
+# these tests choose each request's home (`_next_home`): round robin, not cache-aware routing
+CONFIG = {"instances": {"count": 3, "kv_blocks": 12, "block_size": 8, "max_batch_tokens": 32},
+          "prefix_cache": {"routing": False}}
 PROMPT = list(range(3, 120))          # 117 + 30 tokens = 19 blocks: home 12 + 7 borrowed
 
 

@@ -19,7 +19,8 @@ LONG = list(range(1, 110))          # 109 + 40 tokens = 19 blocks: more than one
 def fab():
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     f = fabric.start({"instances": {"count": 2, "kv_blocks": 10, "block_size": 8,
-                                    "max_batch_tokens": 32}})
+                                    "max_batch_tokens": 32},
+                      "prefix_cache": {"routing": False}})     # tests choose homes (_next_home)
     yield f
     f.shutdown()
     ray.shutdown()
