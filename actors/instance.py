@@ -31,8 +31,7 @@ import ray
 import torch
 
 from fabric.config import FabricConfig, load_config
-from fabric.distattn import PartialJob, partial_on_shard
-from fabric.context import Shard
+from fabric.distattn import PartialJob, serve_partial
 from fabric.engine import Engine
 from fabric.errors import CapacityError, FabricError, RequestError
 from fabric.messages import CONTROL_TIMEOUT_S, Heartbeat
@@ -661,17 +660,9 @@ class InstanceActor(HandoffMixin, TransportHost):
             raise ValueError(f"unknown op {meta.get('op')!r}")
         self._maybe_fault("serve_attention")
         t0 = time.perf_counter()
-        q, k_new, v_new, slots, tables, kv_lens, cu = tensors
-        used = tables[tables >= 0].tolist()
-        written = (slots // self.engine.rm.block_size).tolist()
-        rm = self.engine.rm                   # reads: lent or pinned for src; writes: lent only
-        if not rm.holds_for(src, written) or not rm.holds_for(src, used, read_only=True):
-            raise ValueError(f"instance {src} touched blocks it did not borrow here")
-        dev = self.engine.device
-        shard = Shard(self.id, None, tables.to(dev), kv_lens.to(dev), cu.to(dev), None,
-                      slots.to(dev), bool(meta["decode"]))
-        out, lse = partial_on_shard(self.engine.kv, int(meta["layer"]), q.to(dev), k_new.to(dev),
-                                    v_new.to(dev), shard, self.engine.scale, self.engine.backend)
+        e = self.engine
+        out, lse = serve_partial(e.rm, e.kv, src, int(meta["layer"]), *tensors,
+                                 bool(meta["decode"]), e.scale, e.backend)
         self.num_remote_partials_served += 1
         self.serve_seconds += time.perf_counter() - t0
         return {}, [out, lse]

@@ -47,6 +47,22 @@ def partial_on_shard(kv: KVCache, layer: int, q: torch.Tensor, k_new: torch.Tens
                                          shard.kv_lens, scale, backend=backend)
 
 
+def serve_partial(rm, kv: KVCache, src: int, layer: int, q, k_new, v_new, write_slots,
+                  block_tables, kv_lens, cu_seqlens, is_decode: bool, scale: float,
+                  backend: str = "auto"):
+    """The creditor side of one layer: instance `src`'s queries over the blocks this instance
+    (books `rm`, pool `kv`) holds for it. `src` may write only blocks lent to it and read those
+    or blocks of this cache pinned for it; anything else is refused (`ValueError`)."""
+    used = block_tables[block_tables >= 0].tolist()
+    written = (write_slots // rm.block_size).tolist()
+    if not rm.holds_for(src, written) or not rm.holds_for(src, used, read_only=True):
+        raise ValueError(f"instance {src} touched blocks it did not borrow here")
+    dev = kv.k.device
+    shard = Shard(rm.instance_id, None, block_tables.to(dev), kv_lens.to(dev), cu_seqlens.to(dev),
+                  None, write_slots.to(dev), bool(is_decode))
+    return partial_on_shard(kv, layer, q.to(dev), k_new.to(dev), v_new.to(dev), shard, scale, backend)
+
+
 class DistAttention:
     """The `attn(layer, q, k, v)` callable the model calls, for one step."""
 

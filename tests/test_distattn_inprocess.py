@@ -7,7 +7,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from fabric.distattn import partial_on_shard
+from fabric.distattn import serve_partial
 from fabric.engine import Engine
 from fabric.model import load_model, save_checkpoint
 from fabric.rmanager import BlockRef
@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 
 class InProcessPartials:
-    """Runs creditors' partials directly on their engines' pools (the transport's job in actors)."""
+    """Runs creditors' partials directly on their engines' pools, with the creditor side the
+    actors use (`serve_partial`); only the transport between them is left out."""
 
     def __init__(self, engines: dict[int, Engine], home: int):
         self.engines, self.home = engines, home
@@ -28,11 +29,10 @@ class InProcessPartials:
         fut = Future()
         out = {}
         for inst, job in jobs.items():
-            eng = self.engines[inst]
-            used = job.shard.block_tables[job.shard.block_tables >= 0].tolist()
-            assert eng.rm.holds_for(self.home, used), "attended a block that was not lent"
-            out[inst] = partial_on_shard(eng.kv, layer, job.q, job.k_new, job.v_new, job.shard,
-                                         eng.scale)
+            eng, s = self.engines[inst], job.shard
+            out[inst] = serve_partial(eng.rm, eng.kv, self.home, layer, job.q, job.k_new,
+                                      job.v_new, s.write_slots, s.block_tables, s.kv_lens,
+                                      s.cu_seqlens, s.is_decode, eng.scale)
             self.num_calls += 1
             self.creditors_used.add(inst)
         fut.set_result(out)

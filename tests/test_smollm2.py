@@ -155,8 +155,11 @@ def test_local_kv_one_instance(cluster, reference):
     prompts, refs = reference
     with fabric.start(config(1, kv_blocks=64)) as fab:
         results = fab.generate(prompts, max_new_tokens=NEW_TOKENS)
+        again = fab.generate(prompts, max_new_tokens=NEW_TOKENS)     # prompts' KV now cached
         stats = fab.stats()
     assert_matches(results, refs, [0, 1, 2])
+    assert_matches(again, refs, [0, 1, 2])
+    assert all(r.metrics["cached_tokens"] >= len(p) - 16 for r, p in zip(again, prompts))
     assert "Paris" in results[0].text and results[0].tokens[-1] == 2
     assert stats["lending"]["borrow_events"] == 0
 
