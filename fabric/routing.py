@@ -113,8 +113,9 @@ def route(requests: list[tuple[list[bytes], int]], live: list[int], loads: dict[
             if load[i].outstanding + 1 > balance_threshold * (mean + 1):
                 cached = 0                                      # too busy for affinity
             # compute to do there, KV held there, and the KV this request would add there
-            cost = overlap_weight * (len(hashes) - cached) + load[i].blocks_used + \
-                max(0, total - cached)
+            # (overlap_weight 0: load alone decides, a cache saves nothing)
+            adds = total - (cached if overlap_weight > 0 else 0)
+            cost = overlap_weight * (len(hashes) - cached) + load[i].blocks_used + max(0, adds)
             key = (cost, load[i].outstanding, (k - n) % len(live))   # ties: spread
             if best_key is None or key < best_key:
                 best, best_key, best_cached = i, key, cached

@@ -148,6 +148,39 @@ def test_prefix_cached_on_another_instance(local_ray, reference, mode):
         assert again.tokens == ref[2]
 
 
+def test_holder_killed_while_a_leased_request_decodes(local_ray, reference):
+    """The instance whose cache a request leases dies mid-decode: the reader recomputes the
+    request (never reads lost KV), the dead holder's own request is resubmitted, both answer
+    the reference tokens, and the manager replaces the holder."""
+    rng = random.Random(301)
+    shared = toks(rng, 100)
+    prompts = [shared + toks(rng, n) for n in (11, 5, 8)]
+    n = 60
+    ref = reference(prompts, n)
+    cfg = {"instances": {"count": 2, "kv_blocks": 64, "block_size": BS},
+           "prefix_cache": {"remote": "lease", "overlap_weight": 0.0}}
+    with fabric.start(cfg) as fab:
+        (r0,) = fab.generate([prompts[0]], max_new_tokens=4, ignore_eos=True)
+        holder = r0.home
+        assert wait_until(lambda: prefix_totals(fab)["index_blocks"] > 0)
+        settle(fab)
+        out: dict = {}
+        worker = threading.Thread(target=lambda: out.update(r=fab.generate(
+            prompts[1:], max_new_tokens=n, ignore_eos=True)))
+        worker.start()
+        reader = 1 - holder
+        assert wait_until(lambda: prefix_totals(fab)["instances"][reader]["leased_hits"] > 0,
+                          timeout_s=120), "no request leased the holder's prefix"
+        ray.kill(fab.instances[holder], no_restart=True)
+        worker.join(timeout=600)
+        assert not worker.is_alive(), "a request hung after its prefix's holder died"
+        assert [r.tokens for r in out["r"]] == ref[1:]
+        assert wait_until(lambda: fab.stats()["elastic"]["replicas"] == 2 and
+                          len(fab.stats()["instances"]) == 2, timeout_s=300)
+        (again,) = fab.generate([prompts[0]], max_new_tokens=n, ignore_eos=True)
+        assert again.tokens == ref[0]
+
+
 # ---- 9-11: one fabric of small pools, default prefix-cache settings ------------------------------
 SMALL = {"instances": {"count": 2, "kv_blocks": 24, "block_size": BS, "max_batch_tokens": 64}}
 
