@@ -130,8 +130,11 @@ class Scheduler:
     def _hashes(self, seq: Sequence) -> list[bytes]:
         """The hash chain of `seq`'s full blocks it could find cached (all its tokens but the
         last: that one is computed to give logits); extended as outputs grow."""
-        return extend_hashes(seq.block_hashes, seq.tokens, self.rm.block_size, self.salt,
-                             upto=seq.num_tokens - 1)[: (seq.num_tokens - 1) // self.rm.block_size]
+        want = (seq.num_tokens - 1) // self.rm.block_size
+        if len(seq.block_hashes) < want:          # `seq.tokens` copies: only when it grew
+            extend_hashes(seq.block_hashes, seq.tokens, self.rm.block_size, self.salt,
+                          upto=seq.num_tokens - 1)
+        return seq.block_hashes[:want]
 
     def _waits_for_sharing(self, seq: Sequence) -> bool:
         """True while a running request computes the next prompt block `seq` would reuse."""
