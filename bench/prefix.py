@@ -66,7 +66,7 @@ REMOTE_BLOCKS = 512
 HEARTBEAT_WAIT_S = 1.5          # the prefix index learns of new blocks with the next heartbeat
 REMOTE_MODES = ("lease", "copy", "recompute", "auto")
 SUFFIX_TOKENS = 32
-VOCAB_SIZE = 49152              # SmolLM2's: workload ids are drawn below it (vLLM reads config.json)
+VOCAB_SIZE = 49152              # SmolLM2's: workload ids are drawn below it
 PEER_TIMEOUT_S = 1800
 
 
@@ -226,10 +226,10 @@ def fastest(rows: list[dict]) -> list[dict]:
                 and r["routed_away"]]
         fixed = [r for r in same if r["mode"] != "auto"]
         auto = next((r for r in same if r["mode"] == "auto"), None)
+        by = {k: min(fixed, key=lambda r: r[k])["mode"] if fixed else None
+              for k in ("ttft_s", "latency_s")}
         out.append({"prefix_tokens": key[0], "gen_tokens": key[1],
-                    "fastest_ttft": min(fixed, key=lambda r: r["ttft_s"])["mode"] if fixed else None,
-                    "fastest_latency": min(fixed, key=lambda r: r["latency_s"])["mode"]
-                    if fixed else None,
+                    "fastest_ttft": by["ttft_s"], "fastest_latency": by["latency_s"],
                     "auto_chose": auto["chosen"] if auto else None})
     return out
 
@@ -307,8 +307,8 @@ def print_workloads(rows: list[dict]) -> None:
 
 def print_remote(rows: list[dict]) -> None:
     def est(r):
-        e = r.get("estimated_s")
-        return " ".join(f"{k[0]}={v:.3f}" for k, v in e.items()) if e and r["mode"] == "auto" else ""
+        e = r.get("estimated_s") if r["mode"] == "auto" else None
+        return " ".join(f"{k[0]}={v:.3f}" for k, v in e.items()) if e else ""
 
     print_table(["prefix", "gen", "mode", "chosen", "TTFT s", "engine TTFT", "latency s",
                  "decode tok/s", "copied", "leased", "auto estimates s"],
