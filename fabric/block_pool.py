@@ -15,6 +15,9 @@ class BlockPool:
     def num_free(self) -> int:
         return len(self._free)
 
+    def is_free(self, block: int) -> bool:
+        return self._is_free[block]
+
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)
 

@@ -119,7 +119,7 @@ class Engine:
         logits = self.model.logits(hidden[ctx.logits_idx])
         self.num_steps += 1
         prefill = sum(n for seq, n in batch if n > 1 or seq.num_computed < len(seq.prompt))
-        self.reuse_costs.observe_step(prefill, len(batch), bool(ctx.remote), time.perf_counter() - t0)
+        self.reuse_costs.observe_step(prefill, bool(ctx.remote), time.perf_counter() - t0)
         for seq, n in batch:
             seq.num_computed += n
             self.scheduler.computed(seq)

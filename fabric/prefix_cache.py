@@ -158,7 +158,7 @@ class ReuseCosts:
         self.est[key] = value if n == 0 else (1 - self.ALPHA) * self.est[key] + self.ALPHA * value
         self.measured[key] = n + 1
 
-    def observe_step(self, prefill_tokens: int, num_seqs: int, split: bool, seconds: float) -> None:
+    def observe_step(self, prefill_tokens: int, split: bool, seconds: float) -> None:
         if prefill_tokens >= 32 and not split:
             self._observe("prefill_s_per_token", seconds / prefill_tokens)
         elif prefill_tokens == 0 and not split:

@@ -149,9 +149,12 @@ class RManager:
         """Drop `req_id`'s table: local blocks lose a user (the last one frees the block, or
         parks it as evictable cache: tail blocks first in eviction order), borrowed ones go
         back to the spares, leased ones are unpinned on their holder."""
-        table = self.tables.pop(req_id, [])
+        if req_id not in self.tables:
+            return
+        own = self._own_entries(req_id)
+        table = self.tables.pop(req_id)
         a, b = self.lease_span.pop(req_id, (0, 0))
-        leased, own = table[a:b], table[:a] + table[b:]
+        leased = table[a:b]
         for ref in reversed(own):
             if ref.instance == self.instance_id:
                 self._unref(ref.block)
@@ -349,9 +352,9 @@ class RManager:
         assert users == self.refs, "reference counts drift from the tables and pins"
         used = sum(1 for n in users if n)
         lent = set().union(*self.lent.values()) if self.lent else set()
-        free = set(self.pool._free)
         for blk in range(self.pool.num_blocks):
-            kinds = (users[blk] > 0) + (blk in lent) + (blk in free) + (blk in self.cache.evictable)
+            kinds = (users[blk] > 0) + (blk in lent) + self.pool.is_free(blk) + \
+                (blk in self.cache.evictable)
             assert kinds == 1, f"local block {blk} is in {kinds} states (used/lent/free/evictable)"
         assert used + self.num_lent + self.pool.num_free + self.cache.num_evictable == \
             self.pool.num_blocks, "local blocks are lost or double counted"
