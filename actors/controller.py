@@ -19,7 +19,7 @@ import time
 
 from fabric.ledger import Ledger
 from fabric.messages import Heartbeat
-from fabric.routing import Load, PrefixIndex, route
+from fabric.routing import Load, PrefixIndex, TierIndex, route
 
 
 class ControllerActor:
@@ -32,8 +32,11 @@ class ControllerActor:
         self.lending_enabled = cfg.lending.enabled
         self.prefix_cfg = cfg.prefix_cache
         self.lock = threading.Lock()
-        self.num_calls = {"heartbeat": 0, "propose_creditors": 0, "prefix_events": 0, "route": 0}
+        self.num_calls = {"heartbeat": 0, "propose_creditors": 0, "prefix_events": 0, "route": 0,
+                          "tier_events": 0}
         self.index = PrefixIndex()
+        self.tier_index = TierIndex()               # blocks in each node's host / disk tier
+        self.node_of: dict[int, str] = {}           # rank -> node, from its heartbeats
         self.loads: dict[int, Load] = {}
         self.last_beat: dict[int, float] = {}      # rank -> when its newest beat arrived here
 
@@ -44,6 +47,7 @@ class ControllerActor:
             if self.ledger.update(beat):            # a removed rank's beats change nothing
                 self.last_beat[beat.instance_id] = time.monotonic()
                 self.loads[beat.instance_id] = Load(beat.load, beat.blocks_total - beat.blocks_free)
+                self.node_of[beat.instance_id] = beat.node
 
     def prefix_events(self, instance_id: int, gen: int, base: int | None, added: list[bytes],
                       removed: list[bytes]) -> bool:
@@ -55,6 +59,13 @@ class ControllerActor:
                 return False
             return self.index.apply(instance_id, gen, base, added, removed)
 
+    def tier_events(self, node: str, gen: int, base: int | None, added: list, removed: list) -> bool:
+        """Blocks `node`'s tier store took in and let go ([(hash, tier)]) since generation
+        `base` (None: all it holds). False: send a snapshot."""
+        with self.lock:
+            self.num_calls["tier_events"] += 1
+            return self.tier_index.apply(node, gen, base, added, removed)
+
     def route(self, requests: list[tuple[list[bytes], int]], live: list[int]) -> list[tuple]:
         """Homes for requests ([(prompt block hashes, total blocks)]) among `live` ranks:
         [(home, cached blocks there, (source instance, blocks) or None)]."""
@@ -62,7 +73,8 @@ class ControllerActor:
         with self.lock:
             self.num_calls["route"] += 1
             routes = route(requests, live, self.loads, self.index, c.overlap_weight,
-                           c.balance_threshold, c.min_remote_blocks, affinity=c.enabled)
+                           c.balance_threshold, c.min_remote_blocks, affinity=c.enabled,
+                           tiers=self.tier_index, node_of=self.node_of)
         return [(r.home, r.cached_blocks, r.source) for r in routes]
 
     def propose_creditors(self, debtor: int, num_blocks: int, exclude: list[int],
@@ -92,6 +104,7 @@ class ControllerActor:
             self.last_beat.pop(instance_id, None)
             self.index.remove_instance(instance_id)
             self.loads.pop(instance_id, None)
+            self.node_of.pop(instance_id, None)
 
     def readmit(self, instance_id: int) -> None:
         """A new replica takes rank `instance_id`: its beats count from now on."""
@@ -108,4 +121,5 @@ class ControllerActor:
     def stats(self) -> dict:
         with self.lock:
             return {"calls": dict(self.num_calls), "ledger": self.ledger.snapshot(),
-                    "prefix_index_blocks": len(self.index)}
+                    "prefix_index_blocks": len(self.index),
+                    "tier_index_blocks": self.tier_index.blocks_per_tier()}

@@ -20,6 +20,8 @@ the manager replaces it).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import queue
@@ -31,7 +33,7 @@ import ray
 import torch
 
 from fabric.config import FabricConfig, load_config
-from fabric.distattn import PartialJob, serve_partial
+from fabric.distattn import CreditorSteps, PartialJob, serve_partial
 from fabric.engine import Engine
 from fabric.errors import CapacityError, FabricError, RequestError
 from fabric.messages import CONTROL_TIMEOUT_S, Heartbeat
@@ -41,6 +43,8 @@ from fabric.rmanager import BlockRef
 from fabric.sequence import SamplingParams
 from actors.handoff import HandoffMixin
 from actors.metrics import InstanceMetrics
+from actors.tierstore import TierClient, get_store
+from fabric.tiers import TierLoad
 from actors.transport import TransportHost
 
 BORROW_CHUNK = 8      # blocks borrowed at least per borrow event: keeps control calls off the token path
@@ -58,8 +62,18 @@ log = logging.getLogger(__name__)
 
 class InstanceActor(HandoffMixin, TransportHost):
     def __init__(self, instance_id: int, config: dict, controller_name: str, namespace: str,
-                 fabric_name: str = "", manager_name: str | None = None, name: str = ""):
+                 fabric_name: str = "", manager_name: str | None = None, name: str = "",
+                 standby: bool = False):
+        if standby:     # a warm process until `adopt`: torch, model code and tokenizer loaded
+            import autoscale.weights, fabric.model.checkpoint  # noqa: F401, E401
+            from fabric.tokenizer import load_tokenizer
+
+            load_tokenizer(load_config(config).model)       # kept (per process) for adoption
+            self._standby_args = (config, controller_name, namespace, fabric_name, manager_name,
+                                  name)
+            return
         self.cfg: FabricConfig = load_config(config)
+        torch.set_num_threads(self.cfg.instances.torch_threads())   # the cores Ray gives it
         self.id, self.name = instance_id, name
         self.controller = ray.get_actor(controller_name, namespace=namespace)
         self.manager = ray.get_actor(manager_name, namespace=namespace) if manager_name else None
@@ -75,7 +89,9 @@ class InstanceActor(HandoffMixin, TransportHost):
         self._attach_tokenizer()
         self._phase("starting its threads")
         self.metrics = InstanceMetrics(instance_id, fabric_name)
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()     # the books: held while they change, never across a network wait
+        self.step_lock = threading.Lock()  # a step in flight: taken before `lock` by calls that pull its blocks
+        self.partial_steps = CreditorSteps()   # debtors' steps checked here (serve_transport)
         self.inbox: queue.Queue = queue.Queue()
         self.waiters: dict[str, _Waiter] = {}
         self.cancelled: set[str] = set()
@@ -113,7 +129,22 @@ class InstanceActor(HandoffMixin, TransportHost):
                               "blocks_leased": 0}
         self._prefix_gen, self._prefix_snapshot, self._prefix_quiet = 0, True, 0
         self._prefix_pending: tuple | None = None     # (ref, generation, sent at)
+        self.engine.scheduler.session_ttl_s = self.cfg.prefix_cache.session_ttl_s
+        # KV tiers below the pool (actors/tierstore.py): the node's host and disk tiers
+        self.tiers: TierClient | None = None
+        self.waiting_loads: dict[str, TierLoad | dict] = {}   # request -> load, or what it chose
+        if self.cfg.tiers.enabled and self.cfg.prefix_cache.enabled:
+            self._phase("connecting to its node's KV tiers")
+            store = get_store(controller_name, controller_name, namespace, self.cfg.tiers)
+            self.tiers = TierClient(store, self.engine.block_shape, self.engine.kv.k.dtype,
+                                    self.engine.kv.write_blocks, self.engine.scheduler.load_returns)
+            self.engine.set_tier_sink(self.tiers.offer)
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
+
+    def adopt(self, instance_id: int) -> None:
+        """A warm standby becomes replica rank `instance_id`: the construction a cold replica
+        does, without starting a process and importing torch first."""
+        self.__init__(instance_id, *self._standby_args)
 
     def _attach_tokenizer(self) -> None:
         """The checkpoint's tokenizer (text of each output: stop strings, streamed text) and
@@ -198,7 +229,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.engine.max_request_blocks = max_request_blocks
         self.setup_transport(self.id, world_size, master_addr, master_port, backend, peers,
                              **self._transport_options(backend))
-        self.engine.remote = TransportPartials(self.transport)
+        self.engine.remote = TransportPartials(self.transport, self.lock)
         if self.cfg.lending.enabled:
             self.engine.rm.release_fn = self._release
             self.engine.scheduler.memory_wait_s = MEMORY_WAIT_S
@@ -221,12 +252,12 @@ class InstanceActor(HandoffMixin, TransportHost):
         old transport is closed and a new one built with every rank at once."""
         self.paused.set()
         try:
-            with self.lock:
+            with self.step_lock:          # between two steps; the books do not change
                 self.peers = peers
                 self.engine.max_request_blocks = max_request_blocks
                 self.setup_transport(self.id, world_size, master_addr, master_port, backend,
                                      peers, **self._transport_options(backend))
-                self.engine.remote = TransportPartials(self.transport)
+                self.engine.remote = TransportPartials(self.transport, self.lock)
                 self.dead_peers.clear()
         finally:
             if not self.draining:             # a leaving replica stays parked
@@ -247,10 +278,10 @@ class InstanceActor(HandoffMixin, TransportHost):
         t0 = time.perf_counter()
         self.pause()
         try:
-            with self.lock:
+            with self.step_lock:          # between two steps; the books do not change
                 self.swap_transport()
                 self.peers, self.engine.max_request_blocks = self._next_plane
-                self.engine.remote = TransportPartials(self.transport)
+                self.engine.remote = TransportPartials(self.transport, self.lock)
                 self.dead_peers.clear()
         finally:
             self.resume()
@@ -283,7 +314,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         target = self.handed_to.get(req_id)
         if target is not None:
             return ray.get(target.abort.remote(req_id), timeout=CONTROL_TIMEOUT_S)
-        with self.lock:
+        with self.step_lock, self.lock:        # never under a step: it frees the step's blocks
             seq = self.engine.seqs.get(req_id)
             if seq is None:
                 if req_id in self.waiters:            # still in the inbox: dropped on admission
@@ -325,6 +356,8 @@ class InstanceActor(HandoffMixin, TransportHost):
                 lease = self._reuse_remote_prefix(r["prompt"], params, r["prefix_source"])
                 if lease is not None:
                     self.waiting_leases[r["id"]] = lease
+            if self.tiers is not None and r["id"] not in self.waiting_leases:
+                self._start_tier_load(r["id"], r["prompt"])
             self.inbox.put((r["id"], r["prompt"], params))
         except FabricError as e:
             w.done(id=r["id"], error=str(e), error_type=type(e).__name__)
@@ -365,7 +398,12 @@ class InstanceActor(HandoffMixin, TransportHost):
             self.wake.clear()
             return
         self._borrow_ahead()
-        with self.lock:
+        # The step holds `step_lock` throughout and the books lock except while it waits for
+        # creditors' partials (`TransportPartials`): control calls that only add to the books or
+        # read them (lend, reclaim, pin, stats...) run meanwhile, since the step's blocks are all
+        # held by its requests; those that free a running request's blocks (abort) take
+        # `step_lock` first and so wait for the step's end.
+        with self.step_lock, self.lock:
             try:
                 steps_before = self.engine.num_steps
                 new, finished = self.engine.step()
@@ -421,6 +459,8 @@ class InstanceActor(HandoffMixin, TransportHost):
                 break
         for req_id in list(self.waiting_leases):
             self._drop_lease(self.waiting_leases.pop(req_id, None))
+        for req_id in list(self.waiting_loads):
+            self._drop_tier_load(self.waiting_loads.pop(req_id, None))
         with self.lock:
             for req_id in list(self.engine.seqs):
                 self.engine.abort(req_id)
@@ -485,6 +525,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                     sched.preempt(seq)
             for p in dead:
                 rm.forget_instance(p)
+            self.partial_steps.books_changed()
             self.num_recoveries += 1
         for p in dead:
             self.dead_peers.add(p)
@@ -512,6 +553,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         """`debtor` died: take back every block lent to it."""
         with self.lock:
             n = self.engine.rm.drop_debtor(debtor)
+            self.partial_steps.books_changed()
         self.dead_peers.add(debtor)
         self._beat_now()
         return n
@@ -523,16 +565,24 @@ class InstanceActor(HandoffMixin, TransportHost):
             except queue.Empty:
                 return
             lease = self.waiting_leases.pop(req_id, None)
+            load = self.waiting_loads.pop(req_id, None)
             if req_id in self.cancelled:
                 self.cancelled.discard(req_id)
                 self._drop_lease(lease)
+                self._drop_tier_load(load)
                 continue
             try:
                 with self.lock:
                     self.engine.add_request(prompt, params, req_id=req_id)
-                    self.engine.seqs[req_id].lease = lease
+                    seq = self.engine.seqs[req_id]
+                    seq.lease = lease
+                    if isinstance(load, TierLoad):
+                        seq.tier_load = load
+                    elif load is not None:
+                        seq.tier = load
             except FabricError as e:
                 self._drop_lease(lease)
+                self._drop_tier_load(load)
                 w = self.waiters.pop(req_id, None)
                 if w is not None:
                     w.done(id=req_id, error=str(e), error_type=type(e).__name__)
@@ -645,6 +695,7 @@ class InstanceActor(HandoffMixin, TransportHost):
     def reclaim(self, debtor: int, ids: list[int]) -> None:
         with self.lock:
             self.engine.rm.reclaim(debtor, ids)
+            self.partial_steps.books_changed()
         self._beat_now()
 
     def _beat_now(self) -> None:
@@ -660,12 +711,15 @@ class InstanceActor(HandoffMixin, TransportHost):
             raise ValueError(f"unknown op {meta.get('op')!r}")
         self._maybe_fault("serve_attention")
         t0 = time.perf_counter()
-        if len(tensors) != 7:
-            raise ValueError(f"an attention call carries 7 tensors (q, k, v, slots, tables, "
-                             f"kv_lens, cu_seqlens), got {len(tensors)}")
+        if len(tensors) not in (3, 7):
+            raise ValueError(f"an attention call carries q, k, v and, for a step's first layer, "
+                             f"its slots, tables, kv_lens and cu_seqlens: 3 or 7 tensors, got "
+                             f"{len(tensors)}")
         e = self.engine
-        out, lse = serve_partial(e.rm, e.kv, src, int(meta["layer"]), *tensors,
-                                 bool(meta["decode"]), e.scale, e.backend)
+        q, k, v, *described = tensors
+        out, lse = serve_partial(e.rm, e.kv, src, int(meta["layer"]), q, k, v,
+                                 *(described or [None] * 4), bool(meta.get("decode")), e.scale,
+                                 e.backend, self.partial_steps, meta.get("step"))
         self.num_remote_partials_served += 1
         self.serve_seconds += time.perf_counter() - t0
         return {}, [out, lse]
@@ -794,6 +848,53 @@ class InstanceActor(HandoffMixin, TransportHost):
             self._unpin_remote(lease[0], lease[2])
 
     @ray.method(concurrency_group=CONTROL_GROUP)
+    # ---- KV tiers ----------------------------------------------------------------------------
+    def _start_tier_load(self, req_id: str, prompt: list[int]) -> None:
+        """Prompt blocks past the pool's cached prefix that the node's tiers hold come up, or
+        are computed, as `tiers.prefill` and the measured speeds choose (fabric/tiers.py)."""
+        eng, cfg, bs = self.engine, self.cfg.tiers, self.engine.rm.block_size
+        hashes = prompt_hashes(prompt, bs, eng.scheduler.salt)
+        with self.lock:
+            k = len(eng.rm.cache.lookup(hashes))
+        want = max(1, cfg.min_load_blocks)
+        if len(hashes) - k < want:
+            return
+        below = self.tiers.lookup(hashes[k:])
+        if len(below) < want:
+            return
+        mode = self.tiers.costs.choose(cfg.prefill, below, bs,
+                                       eng.reuse_costs.est["prefill_s_per_token"])
+        if mode != "recompute":
+            with self.lock:
+                blocks = eng.rm.import_cached(len(below))
+            if blocks:
+                load = TierLoad(k, hashes[k: k + len(below)], blocks, mode)
+                self.waiting_loads[req_id] = load
+                self.tiers.start_load(load)
+                return
+            mode = "recompute"                      # no room for them here
+        self.waiting_loads[req_id] = {"tier_policy": mode, "tier_loaded_tokens": 0,
+                                      "tier_computed_tokens": 0, "tier_load_s": 0.0}
+
+    def _drop_tier_load(self, load) -> None:
+        if isinstance(load, TierLoad):
+            rest = load.cancel()
+            if rest:
+                self.engine.scheduler.load_returns.put(rest)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def tier_stats(self) -> dict:
+        """This instance's side of the tiers (its node's store has the rest)."""
+        if self.tiers is None:
+            return {"enabled": False}
+        return {"enabled": True, **self.tiers.counters, **self.engine.scheduler.tiers,
+                "load_s_per_block": dict(self.tiers.costs.load_s_per_block)}
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def tier_store(self):
+        """The handle of this instance's node store (None without tiers)."""
+        return None if self.tiers is None else self.tiers.store
+
     def pin_prefix(self, reader: int, hashes: list[bytes]) -> list[int]:
         """Pin the longest cached prefix of `hashes` for `reader` (read-only: it attends over
         them here, or copies them); returns the block ids."""
@@ -809,6 +910,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                 self.engine.rm.unpin(reader, blocks)
             except ValueError:     # dropped already (the reader was declared dead)
                 log.warning("instance %d: stray unpin from %d", self.id, reader)
+            self.partial_steps.books_changed()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def reset_prefix_cache(self) -> int:
@@ -871,6 +973,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                     "recoveries": self.num_recoveries, "dead_peers": sorted(self.dead_peers),
                     "loop_faults": self.num_loop_faults, "unhealthy": self.unhealthy,
                     "serve_seconds": self.serve_seconds, "prefix_cache": self.prefix_stats(),
+                    "tiers": self.tier_stats(),
                     "remote_wait_seconds": getattr(self.engine.remote, "wait_seconds", 0.0),
                     "transport": self.transport.stats() if self.transport else {}}
 
@@ -879,6 +982,8 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.stopped = True
         self.lifetime.set()
         self.wake.set()
+        if self.tiers is not None:
+            self.tiers.stop()
         if self.transport is not None:
             self.transport.close()
 
@@ -905,16 +1010,27 @@ class _Waiter:
 
 class TransportPartials:
     """`RemotePartials` over the fabric's transport: one batched call per creditor per layer,
-    sent before the home computes its own partial and collected after it."""
+    sent before the home computes its own partial and collected after it. A step's shard (block
+    tables, lengths, write slots) goes to each creditor once, with its first layer, under a step
+    id; later layers carry only q and the new k/v. The books lock is let go while the replies
+    are awaited, so control calls never wait on the network (see `InstanceActor._loop_once`)."""
 
-    def __init__(self, transport):
-        self.transport = transport
+    def __init__(self, transport, books_lock=None):
+        self.transport, self.books_lock = transport, books_lock
         self.wait_seconds = 0.0
+        self._ids = itertools.count(1)
+        self._described: dict[int, tuple[object, int]] = {}    # creditor -> (shard, step id)
 
     def submit(self, layer: int, jobs: dict[int, PartialJob]) -> "_Partials":
-        calls = [(inst, {"op": "attn", "layer": layer, "decode": job.shard.is_decode},
-                  [job.q, job.k_new, job.v_new, job.shard.write_slots, job.shard.block_tables,
-                   job.shard.kv_lens, job.shard.cu_seqlens]) for inst, job in jobs.items()]
+        calls = []
+        for inst, job in jobs.items():
+            shard, tensors = job.shard, [job.q, job.k_new, job.v_new]
+            described = self._described.get(inst)
+            if described is None or described[0] is not shard:    # a new step's first layer
+                described = self._described[inst] = (shard, next(self._ids))
+                tensors += [shard.write_slots, shard.block_tables, shard.kv_lens, shard.cu_seqlens]
+            calls.append((inst, {"op": "attn", "layer": layer, "step": described[1],
+                                 "decode": shard.is_decode}, tensors))
         return _Partials(self, list(jobs), self.transport.start_many(calls))
 
 
@@ -924,6 +1040,26 @@ class _Partials:
 
     def result(self) -> dict:
         t0 = time.perf_counter()
-        replies = self.pending.result()
+        try:
+            with _let_go(self.owner.books_lock):
+                replies = self.pending.result()
+        except Exception:
+            for i in self.insts:          # what they kept is unknown: describe the step again
+                self.owner._described.pop(i, None)
+            raise
         self.owner.wait_seconds += time.perf_counter() - t0
         return {i: tuple(r[1]) for i, r in zip(self.insts, replies)}
+
+
+@contextlib.contextmanager
+def _let_go(lock):
+    """Release `lock` (an RLock, however deep this thread holds it) for the duration, if this
+    thread holds it; as `threading.Condition.wait` does, with the same RLock methods."""
+    if lock is None or not lock._is_owned():
+        yield
+        return
+    state = lock._release_save()
+    try:
+        yield
+    finally:
+        lock._acquire_restore(state)

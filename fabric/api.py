@@ -16,10 +16,11 @@ from fabric.messages import CONTROL_TIMEOUT_S
 from fabric.result import Result
 from fabric.rmanager import max_request_blocks
 from fabric.sequence import SamplingParams
+from fabric.tiers import tier_totals
 
 NAMESPACE = "kv-fabric"
 SAMPLING_KEYS = {"max_new_tokens", "temperature", "seed", "ignore_eos", "top_p", "top_k", "stop",
-                 "stop_token_ids"}
+                 "stop_token_ids", "session_id", "ttl_s"}
 REQUEST_KEYS = {"id", "prompt", "messages"} | SAMPLING_KEYS
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -61,7 +62,8 @@ def _init_ray(address: str | None, cfg: FabricConfig | None) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        num_cpus = max(os.cpu_count() or 1, int(cfg.instances.count * cfg.instances.num_cpus) + 2)
+        per_instance = cfg.instances.cpus([os.cpu_count() or 1], cfg.instances.count)
+        num_cpus = max(os.cpu_count() or 1, int(cfg.instances.count * per_instance) + 2)
         # address="local": a private cluster, never a `ray start` one that happens to run here
         before = os.environ.get("RAY_AUTH_MODE")
         ray.init(address="local", num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,
@@ -73,6 +75,20 @@ def _init_ray(address: str | None, cfg: FabricConfig | None) -> bool:
     with _use_token_auth(address):       # FabricError naming the cause when it fails
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     return False
+
+
+def _resolve_cpus(cfg: FabricConfig, embedded: bool) -> FabricConfig:
+    """`instances.num_cpus` as a number (None: shared out of a node's CPUs, as `_init_ray`
+    sized an embedded cluster from this machine's cores, or the cluster's nodes' Ray CPUs)."""
+    import dataclasses
+
+    import ray
+
+    nodes = [os.cpu_count() or 1] if embedded else \
+        [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
+    inst = dataclasses.replace(cfg.instances,
+                               num_cpus=cfg.instances.cpus(nodes, cfg.instances.count))
+    return dataclasses.replace(cfg, instances=inst)
 
 
 def _use_token_auth(address: str):
@@ -96,6 +112,7 @@ def start(config=None, *, address: str | None = None, name: str | None = None,
 
         check_checkpoint(cfg.model.path)     # a broken checkpoint fails here, before any actor
     owns_ray = _init_ray(address, cfg)
+    cfg = _resolve_cpus(cfg, owns_ray)
     name = name or uuid.uuid4().hex[:8]
     ctrl_name = _controller_name(name)
     lifetime = "detached" if detached else None
@@ -242,7 +259,8 @@ class Fabric:
                  seed: int | None = None, ignore_eos: bool = False, errors: str = "raise",
                  **sampling) -> list[Result]:
         """Generate for each prompt (token ids or text). Greedy when temperature is 0.
-        `sampling`: top_p, top_k, stop (strings, cut from the text), stop_token_ids.
+        `sampling`: top_p, top_k, stop (strings, cut from the text), stop_token_ids;
+        session_id and ttl_s (seconds the session's KV stays in the pool after this turn).
 
         errors="raise": every request is checked before any work starts; a bad one raises
         `RequestError` (`CapacityError` if it cannot fit in the whole fabric) and nothing runs.
@@ -296,7 +314,8 @@ class Fabric:
         """Run requests with their own settings: each a dict with `prompt` (token ids or text)
         or `messages` (a conversation), and optionally `id`, `max_new_tokens` (16),
         `temperature` (0.0), `seed`, `ignore_eos` (False), `top_p` (1.0), `top_k` (0: off),
-        `stop` (strings), `stop_token_ids`."""
+        `stop` (strings), `stop_token_ids`, `session_id` and `ttl_s` (a turn of a session:
+        its KV stays in the pool `ttl_s` seconds for the next turn)."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         if not isinstance(requests, (list, tuple)):
@@ -526,19 +545,31 @@ class Fabric:
         lending = {"borrow_events": sum(s["borrow_events"] for s in inst),
                    "blocks_borrowed_total": sum(s["blocks_borrowed_total"] for s in inst)}
         elastic = ray.get(self.manager.stats.remote(), timeout=CONTROL_TIMEOUT_S)
+        from actors.tierstore import list_stores, store_stats
+
+        nodes = store_stats(list_stores(_controller_name(self.name), NAMESPACE)) \
+            if self.cfg.tiers.enabled else []
         return {"instances": [{k: s[k] for k in keys} | {"detail": s} for s in inst],
                 "lending": lending, "elastic": elastic,
                 "prefix_cache": _prefix_totals(inst, ctrl.get("prefix_index_blocks", 0)),
+                "tiers": tier_totals(inst, nodes, ctrl.get("tier_index_blocks", {})),
                 "controller": {"calls": ctrl["calls"]}}
 
-    def reset_prefix_cache(self) -> int:
+    def reset_prefix_cache(self, tiers: bool = True) -> int:
         """Evict every cached prefix block no request uses, on every instance (as vLLM's
-        `reset_prefix_cache`); returns how many blocks were evicted."""
+        `reset_prefix_cache`), and (`tiers`) every block of the nodes' host and disk tiers;
+        returns how many blocks were dropped."""
         import ray
 
         self._sync_members()
         live = [a for i, a in enumerate(self.instances) if i not in self.dead and a is not None]
-        return sum(ray.get([a.reset_prefix_cache.remote() for a in live], timeout=CONTROL_TIMEOUT_S))
+        n = sum(ray.get([a.reset_prefix_cache.remote() for a in live], timeout=CONTROL_TIMEOUT_S))
+        if tiers and self.cfg.tiers.enabled:
+            from actors.tierstore import list_stores
+
+            stores = list_stores(_controller_name(self.name), NAMESPACE)
+            n += sum(ray.get([s.clear.remote() for s in stores], timeout=CONTROL_TIMEOUT_S))
+        return n
 
     def scale(self, replicas: int) -> dict:
         """Run `replicas` instances: new ones map the weights already published on their node
@@ -579,6 +610,9 @@ class Fabric:
                 pass
         ray.kill(self.controller, no_restart=True)
         ray.kill(self.manager, no_restart=True)
+        from actors.tierstore import kill_stores
+
+        kill_stores(_controller_name(self.name), NAMESPACE)
         self.instances = []
         if self._owns_ray:
             ray.shutdown()

@@ -20,6 +20,7 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("auto", "torch", "ray")
 REMOTE_PREFIX = ("auto", "lease", "copy", "recompute")
+PREFILL_POLICIES = ("auto", "compute_or_load", "load", "recompute")   # fabric/tiers.py
 
 
 def _positive(path: str, value: float) -> None:
@@ -73,17 +74,36 @@ class InstancesConfig:
     block_size: int = 16
     max_num_seqs: int = 32          # requests in one running batch
     max_batch_tokens: int = 256     # tokens per step: prefill is chunked to fit
-    num_cpus: float = 1.0           # Ray CPUs each instance actor takes
+    num_cpus: float | None = None   # Ray CPUs (and torch threads) per instance; None: `cpus`
     startup_timeout_s: float = 600.0     # from placement on a node to ready (weights, KV pool)
     max_queued_requests: int = 4096      # waiting requests per instance; more: "queue full"
+    standbys: int = 1               # warm standby replica processes per node for scale-up; 0: none
 
     def validate(self, prefix: str) -> None:
         for name in ("count", "kv_blocks", "block_size", "max_num_seqs", "max_batch_tokens",
                      "startup_timeout_s", "max_queued_requests"):
             _positive(f"{prefix}.{name}", getattr(self, name))
         _one_of(f"{prefix}.device", self.device, DEVICES)
-        if self.num_cpus < 0:
+        if self.num_cpus is not None and self.num_cpus < 0:
             raise ConfigError(f"{prefix}.num_cpus must be >= 0, got {self.num_cpus}")
+        if self.standbys < 0:
+            raise ConfigError(f"{prefix}.standbys must be >= 0, got {self.standbys}")
+
+    def cpus(self, node_cpus: list[float], replicas: int) -> float:
+        """`num_cpus`, or when it is None the Ray CPUs of the smallest node (`node_cpus`: each
+        node's; nodes without CPUs are left out) shared by the replicas each node gets, at least
+        1: one instance on a 2-core node takes both cores."""
+        if self.num_cpus is not None:
+            return self.num_cpus
+        nodes = [c for c in node_cpus if c > 0] or [1.0]
+        per_node = -(-replicas // len(nodes))
+        return float(max(1, int(min(nodes) // per_node)))
+
+    def torch_threads(self) -> int:
+        """An instance's torch threads: its CPUs, rounded, at least 1 and at most the cores this
+        process may run on (Ray's logical CPUs can exceed them)."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(round(self.num_cpus or 1), cores or 1))
 
 
 @dataclass(frozen=True)
@@ -122,8 +142,12 @@ class PrefixCacheConfig:
     remote: str = "auto"                # another instance's cached prefix: auto by measured
                                         # cost, or always lease / copy / recompute
     min_remote_blocks: int = 2          # fewer extra cached blocks elsewhere: just compute
+    session_ttl_s: float = 30.0         # a session's turn naming no ttl_s keeps its KV this long
 
     def validate(self, prefix: str) -> None:
+        if not 0 <= self.session_ttl_s <= 86400:
+            raise ConfigError(f"{prefix}.session_ttl_s must be within [0, 86400], got "
+                              f"{self.session_ttl_s}")
         if self.overlap_weight < 0:
             raise ConfigError(f"{prefix}.overlap_weight must be >= 0, got {self.overlap_weight}")
         if self.balance_threshold < 1:
@@ -133,6 +157,32 @@ class PrefixCacheConfig:
         if self.min_remote_blocks < 1:
             raise ConfigError(f"{prefix}.min_remote_blocks must be >= 1, got "
                               f"{self.min_remote_blocks}")
+
+
+@dataclass(frozen=True)
+class TiersConfig:
+    """KV tiers below the pools, per node (see docs/tiers.md): evicted prefix blocks go down to
+    host memory, then to local disk, and come back up instead of being recomputed."""
+    host_bytes: int = 0                 # the node's host tier (0: none)
+    disk_path: str | None = None        # the node's disk tier: a directory (None: none)
+    disk_bytes: int = 0                 # ... and its size
+    prefill: str = "auto"               # blocks below: auto (by measured speeds),
+                                        # compute_or_load, load, recompute
+    min_load_blocks: int = 2            # fewer blocks below: just compute them
+
+    @property
+    def enabled(self) -> bool:
+        return self.host_bytes > 0 or (self.disk_path is not None and self.disk_bytes > 0)
+
+    def validate(self, prefix: str) -> None:
+        for name in ("host_bytes", "disk_bytes", "min_load_blocks"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.disk_bytes > 0 and not self.disk_path:
+            raise ConfigError(f"{prefix}.disk_path is needed when {prefix}.disk_bytes > 0")
+        if self.disk_path is not None and not self.disk_path.strip():
+            raise ConfigError(f"{prefix}.disk_path must be a directory path, got ''")
+        _one_of(f"{prefix}.prefill", self.prefill, PREFILL_POLICIES)
 
 
 @dataclass(frozen=True)
@@ -189,6 +239,7 @@ class FabricConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     prefix_cache: PrefixCacheConfig = field(default_factory=PrefixCacheConfig)
+    tiers: TiersConfig = field(default_factory=TiersConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

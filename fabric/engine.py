@@ -52,6 +52,24 @@ class Engine:
         self.num_generated = 0
         self.num_steps = 0
         self.reuse_costs = ReuseCosts()     # how to use another instance's cached prefix
+        self.tier_sink = None               # (hashes, k, v) of evicted cached blocks: tiers below
+
+    # ---- KV tiers ----------------------------------------------------------------------------
+    def set_tier_sink(self, sink) -> None:
+        """Evicted cached blocks go to `sink(hashes, k, v)` (k, v: `[L, n, block_size, H_kv,
+        D]` copies, made before the pool reuses the blocks) instead of being lost."""
+        self.tier_sink = sink
+        self.rm.spill_fn = self._spill if sink is not None else None
+
+    def _spill(self, victims: list[tuple[int, bytes]]) -> None:
+        k, v = self.kv.read_blocks([b for b, _ in victims])
+        self.tier_sink([h for _, h in victims], k, v)
+
+    @property
+    def block_shape(self) -> tuple:
+        """One block's k (or v) over all layers: what a tier stores per block, twice."""
+        a = self.args
+        return (a.num_layers, self.rm.block_size, a.num_kv_heads, a.head_dim)
 
     # ---- requests ------------------------------------------------------------------------
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
@@ -94,6 +112,9 @@ class Engine:
                 "hit_rate": p["hits"] / p["queries"] if p["queries"] else 0.0,
                 "blocks_cached": len(rm.cache), "blocks_evictable": rm.cache.num_evictable,
                 "evictions": rm.cache.num_evictions,
+                "sessions": len(rm.cache.sessions), "blocks_protected": len(rm.cache.protected),
+                "session_expiries": rm.cache.num_session_expiries,
+                "session_evictions_under_pressure": rm.cache.num_session_evictions,
                 "blocks_pinned_for_others": sum(len(p) for p in rm.leases.values())}
 
     def reset_prefix_cache(self) -> int:
@@ -106,14 +127,18 @@ class Engine:
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
         """One forward pass. Returns (new tokens as (seq, token)), finished sequences)."""
+        if self.rm.cache.sessions:
+            self.rm.cache.expire(time.monotonic())
         batch = self.scheduler.schedule()
         if not batch:
             return [], []
         t0 = time.perf_counter()
-        chunks = [SeqChunk(seq.tokens[seq.num_computed: seq.num_computed + n], seq.num_computed,
-                           self.rm.tables[seq.req_id], seq.num_computed + n == seq.num_tokens)
+        chunks = [SeqChunk(seq.token_range(seq.num_computed, seq.num_computed + n), seq.num_computed,
+                           self.rm.tables[seq.req_id], seq.num_computed + n == seq.num_tokens,
+                           seq.block_table)
                   for seq, n in batch]
-        ctx = build_context(chunks, self.instance_id, self.rm.block_size, self.device)
+        ctx = build_context(chunks, self.instance_id, self.rm.block_size, self.kv.num_blocks,
+                            self.device)
         attn = DistAttention(self.kv, ctx, self.scale, self.remote, self.backend)
         hidden = self.model(ctx.input_ids, ctx.positions, attn)
         logits = self.model.logits(hidden[ctx.logits_idx])
@@ -194,6 +219,22 @@ def check_request(prompt, params: SamplingParams, vocab_size: int, max_positions
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or t != t or t == float("inf"):
         raise RequestError(f"temperature must be a finite number >= 0, got {t!r}")
     check_filters(params, vocab_size)
+    check_session(params)
+
+
+MAX_SESSION_ID_CHARS, MAX_TTL_S = 256, 86400.0
+
+
+def check_session(params: SamplingParams) -> None:
+    s, ttl = params.session_id, params.ttl_s
+    if s is not None and (not isinstance(s, str) or not 0 < len(s) <= MAX_SESSION_ID_CHARS):
+        raise RequestError(f"session_id must be a non-empty string of at most "
+                           f"{MAX_SESSION_ID_CHARS} characters, got {s!r}")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
+                            or not 0 <= ttl <= MAX_TTL_S):
+        raise RequestError(f"ttl_s must be a number of seconds in [0, {MAX_TTL_S:g}], got {ttl!r}")
+    if ttl is not None and s is None:
+        raise RequestError("ttl_s needs a session_id: it says how long that session's KV is kept")
 
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from fabric.errors import CapacityError, FabricError, RequestError
+from fabric.engine import MAX_SESSION_ID_CHARS, MAX_TTL_S
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions
 DEFAULT_TEMPERATURE = 1.0               # OpenAI's default (the fabric's own default is greedy)
@@ -260,6 +261,19 @@ def _common(body: dict, served: str, kind: str, id_prefix: str) -> Request:
             raise APIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}",
                            param="ignore_eos")
         settings["ignore_eos"] = ignore_eos
+    session, ttl = body.get("session_id"), body.get("ttl_s")
+    if session is not None:         # a turn of a session: its KV is kept ttl_s for the next
+        if not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_ID_CHARS:
+            raise APIError(400, f"session_id must be a non-empty string of at most "
+                           f"{MAX_SESSION_ID_CHARS} characters", param="session_id")
+        settings["session_id"] = session
+    if ttl is not None:
+        if session is None:
+            raise APIError(400, "ttl_s needs a session_id", param="ttl_s")
+        if not _number(ttl) or not 0 <= ttl <= MAX_TTL_S:
+            raise APIError(400, f"ttl_s must be a number of seconds in [0, {MAX_TTL_S:g}], got "
+                           f"{ttl!r}", param="ttl_s")
+        settings["ttl_s"] = float(ttl)
     return Request(kind, model, settings=settings, stream=stream, include_usage=include_usage,
                    id=f"{id_prefix}-{uuid.uuid4().hex}", created=int(time.time()))
 

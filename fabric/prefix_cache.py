@@ -10,6 +10,12 @@ no request uses any more (reference count 0) in least-recently-used order. Those
 for the pool to take back (evicted) when it runs short; until then a new request whose
 prompt starts with the same tokens reuses them instead of recomputing. It also records what
 was added and evicted since the last heartbeat, for the fabric-wide prefix index.
+
+Sessions (a multi-turn chat, an agent's tool calls) may keep their blocks for a time-to-live
+between turns: a finished turn's cached blocks are *protected* until the session's next turn
+uses them or the TTL expires, then they become evictable like any other. Protected blocks give
+way only under pressure, after every evictable block, the session nearest to its expiry first
+(`session_evictions` counts them): a pinned session never keeps a request from being admitted.
 """
 
 from __future__ import annotations
@@ -61,13 +67,22 @@ class PrefixCache:
         self.evictable: OrderedDict[int, None] = OrderedDict()   # oldest first
         self.events: list[tuple[bool, bytes]] = []   # (added?, hash) since `take_events`
         self.num_evictions = 0
+        self.protected: dict[int, str] = {}          # block -> session keeping it
+        self.sessions: dict[str, tuple[float, list[int]]] = {}   # session -> (expiry, blocks)
+        self.num_session_evictions = 0               # protected blocks taken under pressure
+        self.num_session_expiries = 0
 
     def __len__(self) -> int:
         return len(self.block_of)
 
     @property
     def num_evictable(self) -> int:
-        return len(self.evictable)
+        """Blocks the pool may take back: evictable ones, and protected ones under pressure."""
+        return len(self.evictable) + len(self.protected)
+
+    def is_idle(self, block: int) -> bool:
+        """Cached and used by no request (evictable or protected by a session)."""
+        return block in self.evictable or block in self.protected
 
     def lookup(self, hashes: list[bytes]) -> list[int]:
         """Blocks of the longest cached prefix of `hashes` (a chain: stops at the first miss)."""
@@ -99,16 +114,53 @@ class PrefixCache:
         return True
 
     def unpark(self, block: int) -> None:
-        """A request uses cached `block` again: it is no longer evictable."""
+        """A request uses cached `block` again: it is no longer evictable (nor protected)."""
         self.evictable.pop(block, None)
+        self.protected.pop(block, None)
 
-    def evict(self, n: int) -> list[int]:
-        """Take up to `n` evictable blocks (least recently used first) out of the cache."""
+    def protect(self, session: str, blocks: list[int], expires_at: float) -> None:
+        """Keep `session`'s idle cached `blocks` out of eviction until `expires_at` (or its
+        next turn); what an earlier turn of the session protected is let go."""
+        self.release_session(session)
+        mine = [b for b in blocks if b in self.evictable]
+        for b in mine:
+            del self.evictable[b]
+            self.protected[b] = session
+        self.sessions[session] = (expires_at, mine)
+
+    def release_session(self, session: str) -> None:
+        """`session`'s protected blocks become evictable (most recently used end)."""
+        _, blocks = self.sessions.pop(session, (0.0, []))
+        for b in blocks:
+            if self.protected.get(b) == session:
+                del self.protected[b]
+                self.evictable[b] = None
+
+    def expire(self, now: float) -> int:
+        """Let go of every session whose time-to-live ran out; returns how many."""
+        gone = [s for s, (t, _) in self.sessions.items() if t <= now]
+        for s in gone:
+            self.release_session(s)
+        self.num_session_expiries += len(gone)
+        return len(gone)
+
+    def evict(self, n: int) -> list[tuple[int, bytes]]:
+        """Take up to `n` idle blocks out of the cache: evictable ones least recently used
+        first, then (under pressure) protected ones, the session nearest expiry first.
+        Returns (block, hash) of each, for the tiers below to keep."""
         out = []
         while self.evictable and len(out) < n:
             block, _ = self.evictable.popitem(last=False)
-            self._forget(block)
-            out.append(block)
+            out.append((block, self._forget(block)))
+        if len(out) < n and self.protected:
+            for s in sorted(self.sessions, key=lambda s: self.sessions[s][0]):
+                if len(out) >= n:
+                    break
+                self.release_session(s)
+                while self.evictable and len(out) < n:
+                    block, _ = self.evictable.popitem(last=False)
+                    out.append((block, self._forget(block)))
+                    self.num_session_evictions += 1
         self.num_evictions += len(out)
         return out
 
@@ -116,12 +168,14 @@ class PrefixCache:
         """`block` is overwritten or leaves this instance: it is no longer cached."""
         if block in self.hash_of:
             self.evictable.pop(block, None)
+            self.protected.pop(block, None)
             self._forget(block)
 
-    def _forget(self, block: int) -> None:
+    def _forget(self, block: int) -> bytes:
         h = self.hash_of.pop(block)
         del self.block_of[h]
         self.events.append((False, h))
+        return h
 
     def take_events(self) -> list[tuple[bool, bytes]]:
         """Additions and evictions since the last call, in order, for the fabric-wide index."""
@@ -136,6 +190,8 @@ class PrefixCache:
         for h, b in self.block_of.items():
             assert self.hash_of.get(b) == h, f"block {b} and its hash disagree"
         assert all(b in self.hash_of for b in self.evictable), "an evictable block is not cached"
+        assert all(b in self.hash_of and b not in self.evictable for b in self.protected), \
+            "a protected block is not cached, or also evictable"
 
 
 class ReuseCosts:

@@ -25,6 +25,7 @@ from fabric.prefix_cache import PrefixCache
 BorrowFn = Callable[[int], "list[BlockRef]"]
 ReleaseFn = Callable[[int, "list[int]"], None]
 UnleaseFn = Callable[[int, "list[int]"], None]
+SpillFn = Callable[["list[tuple[int, bytes]]"], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,9 @@ class RManager:
         self.borrow_fn: BorrowFn | None = None
         self.release_fn: ReleaseFn | None = None
         self.unlease_fn: UnleaseFn | None = None
+        # evicted cached blocks (block, hash), called before the pool reuses them: the engine
+        # copies their KV out for the tiers below (fabric/tiers.py)
+        self.spill_fn: SpillFn | None = None
         self.num_borrow_events = 0
 
     # ---- queries -------------------------------------------------------------------------
@@ -142,8 +146,15 @@ class RManager:
     def _take(self, n: int) -> list[int]:
         short = n - self.pool.num_free
         if short > 0:
-            self.pool.free(self.cache.evict(short))
+            self._evict(short, spill=True)
         return self.pool.allocate(n)
+
+    def _evict(self, n: int, spill: bool) -> int:
+        victims = self.cache.evict(n)
+        if spill and victims and self.spill_fn is not None:
+            self.spill_fn(victims)
+        self.pool.free([b for b, _ in victims])
+        return len(victims)
 
     def free(self, req_id: str) -> None:
         """Drop `req_id`'s table: local blocks lose a user (the last one frees the block, or
@@ -222,6 +233,15 @@ class RManager:
                 self.cache.register(hashes[j], b)
             self._unref(b)
 
+    def adopt_loaded(self, req_id: str, hashes: list[bytes], blocks: list[int]) -> None:
+        """Imported `blocks`, holding the KV of `hashes` (loaded from a lower tier), extend
+        `req_id`'s table: they are cached and used by it."""
+        table = self.tables.setdefault(req_id, [])
+        for h, b in zip(hashes, blocks):
+            self.importing.discard(b)
+            self.cache.register(h, b)       # False: cached already elsewhere; this stays private
+            table.append(BlockRef(self.instance_id, b))
+
     def pin(self, reader: int, hashes: list[bytes]) -> list[int]:
         """Pin the longest cached prefix of `hashes` for `reader`'s attention (read-only)."""
         blocks = self.cache.lookup(hashes)
@@ -242,10 +262,21 @@ class RManager:
             self._unref(b)
 
     def clear_cache(self) -> int:
-        """Evict every unused cached block (blocks in use stay cached); returns how many."""
-        ids = self.cache.evict(self.cache.num_evictable)
-        self.pool.free(ids)
-        return len(ids)
+        """Evict every unused cached block (blocks in use stay cached; nothing goes down to
+        the tiers); returns how many."""
+        for s in list(self.cache.sessions):
+            self.cache.release_session(s)
+        return self._evict(self.cache.num_evictable, spill=False)
+
+    def keep_session(self, req_id: str, session: str, expires_at: float) -> None:
+        """`req_id` (a turn of `session`) finishes: its local cached blocks, idle once its
+        table is freed, stay protected until the session's next turn or `expires_at`."""
+        if req_id not in self.tables:
+            return
+        blocks = [r.block for r in self._own_entries(req_id)
+                  if r.instance == self.instance_id and r.block in self.cache.hash_of]
+        self.free(req_id)
+        self.cache.protect(session, blocks, expires_at)
 
     def release_spares(self, keep: int = 0) -> int:
         """Give spare borrowed blocks back to their creditors, keeping at most `keep`."""
@@ -354,8 +385,8 @@ class RManager:
         lent = set().union(*self.lent.values()) if self.lent else set()
         for blk in range(self.pool.num_blocks):
             kinds = (users[blk] > 0) + (blk in lent) + self.pool.is_free(blk) + \
-                (blk in self.cache.evictable)
-            assert kinds == 1, f"local block {blk} is in {kinds} states (used/lent/free/evictable)"
+                self.cache.is_idle(blk)
+            assert kinds == 1, f"local block {blk} is in {kinds} states (used/lent/free/idle cache)"
         assert used + self.num_lent + self.pool.num_free + self.cache.num_evictable == \
             self.pool.num_blocks, "local blocks are lost or double counted"
         for c, n in self.num_remote_in_tables.items():

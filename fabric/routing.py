@@ -16,11 +16,17 @@ instance
 busier than `balance_threshold x (mean outstanding requests + 1)` gets no credit for its cache,
 so a hot prefix does not pile all traffic on one instance. Requests of one call that share a
 prefix are counted as cached where the first of them went (they are computed once there).
+
+KV tiers: each node's tier store publishes the blocks its host and disk tiers hold (`TierIndex`).
+Blocks that continue an instance's cached prefix in its node's tiers count as TIER_CREDIT of
+a cached block there: loading them costs less than computing them, but is not free.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+TIER_CREDIT = 0.5     # a block in the home node's host or disk tier, against one in its pool
 
 
 @dataclass(slots=True)
@@ -87,6 +93,63 @@ class PrefixIndex:
         return len(self.holders)
 
 
+class TierIndex:
+    """Which blocks each node's tiers hold, and in which tier ("host", "disk"), published by
+    the node's store in batches like an instance's (a batch that does not follow is refused;
+    the store sends a snapshot next)."""
+
+    def __init__(self):
+        self.tiers: dict[str, dict[bytes, set[str]]] = {}     # node -> hash -> tiers
+        self.gen: dict[str, int] = {}
+
+    def apply(self, node: str, gen: int, base: int | None, added, removed) -> bool:
+        if base is None:
+            self.tiers.pop(node, None)
+        elif self.gen.get(node) != base:
+            return False
+        mine = self.tiers.setdefault(node, {})
+        for h, t in removed:
+            held = mine.get(h)
+            if held is not None:
+                held.discard(t)
+                if not held:
+                    del mine[h]
+        for h, t in added:
+            mine.setdefault(h, set()).add(t)
+        self.gen[node] = gen
+        return True
+
+    def run(self, node: str | None, hashes: list[bytes], start: int) -> int:
+        """How many blocks of `hashes` from `start` on `node`'s tiers hold, in a row."""
+        mine = self.tiers.get(node) if node is not None else None
+        if not mine:
+            return 0
+        n = 0
+        for h in hashes[start:]:
+            if h not in mine:
+                break
+            n += 1
+        return n
+
+    def tier_of(self, node: str, h: bytes) -> set[str]:
+        return set(self.tiers.get(node, {}).get(h, ()))
+
+    def remove_node(self, node: str) -> None:
+        self.tiers.pop(node, None)
+        self.gen.pop(node, None)
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self.tiers.values())
+
+    def blocks_per_tier(self) -> dict[str, int]:
+        out = {"host": 0, "disk": 0}
+        for m in self.tiers.values():
+            for held in m.values():
+                for t in held:
+                    out[t] = out.get(t, 0) + 1
+        return out
+
+
 @dataclass(slots=True)
 class Route:
     home: int
@@ -96,9 +159,11 @@ class Route:
 
 def route(requests: list[tuple[list[bytes], int]], live: list[int], loads: dict[int, Load],
           index: PrefixIndex, overlap_weight: float = 1.0, balance_threshold: float = 1.5,
-          min_remote_blocks: int = 2, affinity: bool = True) -> list[Route]:
+          min_remote_blocks: int = 2, affinity: bool = True, tiers: TierIndex | None = None,
+          node_of: dict[int, str] | None = None) -> list[Route]:
     """Homes for `requests` ([(prompt block hashes, total blocks)]) among `live` ranks. What
-    each route adds is counted in `loads` (the next heartbeat of that instance replaces it)."""
+    each route adds is counted in `loads` (the next heartbeat of that instance replaces it);
+    `tiers` and `node_of` (rank -> node) credit blocks in a home node's tiers."""
     if not live:
         raise ValueError("no live instance to route to")
     load = {i: loads.setdefault(i, Load()) for i in live}
@@ -112,10 +177,13 @@ def route(requests: list[tuple[list[bytes], int]], live: list[int], loads: dict[
             cached = max(indexed.get(i, 0), _leading(hashes, placed[i])) if affinity else 0
             if load[i].outstanding + 1 > balance_threshold * (mean + 1):
                 cached = 0                                      # too busy for affinity
+            below = tiers.run((node_of or {}).get(i), hashes, cached) \
+                if tiers is not None and affinity and cached < len(hashes) else 0
             # compute to do there, KV held there, and the KV this request would add there
             # (overlap_weight 0: load alone decides, a cache saves nothing)
             adds = total - (cached if overlap_weight > 0 else 0)
-            cost = overlap_weight * (len(hashes) - cached) + load[i].blocks_used + max(0, adds)
+            saved = cached + TIER_CREDIT * below
+            cost = overlap_weight * (len(hashes) - saved) + load[i].blocks_used + max(0, adds)
             key = (cost, load[i].outstanding, (k - n) % len(live))   # ties: spread
             if best_key is None or key < best_key:
                 best, best_key, best_cached = i, key, cached

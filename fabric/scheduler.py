@@ -13,6 +13,7 @@ waiting one is held back (others go first), then reuses them instead of computin
 
 from __future__ import annotations
 
+import queue
 import time
 from collections import deque
 
@@ -40,6 +41,10 @@ class Scheduler:
         self.inflight: dict[bytes, int] = {}  # prompt block hash -> running requests computing it
         self.prefix = {"queries": 0, "hits": 0, "leased_hits": 0}   # tokens, first admissions
         self.unlease_fn = None                # (holder, blocks): a lease that is not used
+        self.session_ttl_s = 0.0              # a session turn's TTL when it names none
+        # blocks of tier loads the loader let go of (it writes them no more): freed next step
+        self.load_returns: queue.SimpleQueue = queue.SimpleQueue()
+        self.tiers = {"loaded_tokens": 0, "computed_tokens": 0, "loads": 0}
 
     @property
     def num_unfinished(self) -> int:
@@ -49,14 +54,20 @@ class Scheduler:
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
-        """Take `seq` out of the queues and free its blocks (finished or aborted)."""
+        """Take `seq` out of the queues and free its blocks (finished or aborted). A finished
+        turn of a session with a time-to-live keeps its cached blocks protected."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._drop_inflight(seq)
         self.drop_lease(seq)
-        self.rm.free(seq.req_id)
+        self._drop_load(seq)
+        ttl = self.session_ttl_s if seq.params.ttl_s is None else seq.params.ttl_s
+        if seq.params.session_id and ttl > 0 and seq.finish_reason in ("stop", "length"):
+            self.rm.keep_session(seq.req_id, seq.params.session_id, time.monotonic() + ttl)
+        else:
+            self.rm.free(seq.req_id)
 
     def num_committed(self) -> int:
         """Blocks running requests will still allocate before they reach their maximum length."""
@@ -91,6 +102,7 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Pick this step's (sequence, number of tokens to compute); their blocks are allocated."""
+        self._free_load_returns()
         budget = self.max_batch_tokens
         batch: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
@@ -98,7 +110,9 @@ class Scheduler:
                 break
             if seq not in self.running:          # preempted by an earlier one in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._follow_load(seq, budget)
+            if n == 0:
+                continue
             if self._allocate_or_preempt(seq, n, batch):
                 batch.append((seq, n))
                 budget -= n
@@ -107,13 +121,15 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_num_seqs or held > SHARING_SCAN:
                 break
             fresh = seq.num_computed == 0 and not self.rm.tables.get(seq.req_id)
-            if fresh and self._waits_for_sharing(seq):
+            if fresh and (self._waits_for_sharing(seq) or
+                          (seq.tier_load is not None and not seq.tier_load.ready())):
                 held += 1
                 continue
             if fresh:
                 self._attach_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._can_admit(seq) or not self.rm.allocate(seq.req_id, seq.num_computed + n):
+            n = self._follow_load(seq, budget)
+            if n == 0 or not self._can_admit(seq) or \
+                    not self.rm.allocate(seq.req_id, seq.num_computed + n):
                 if fresh:                      # not admitted: its cached blocks are let go
                     self.rm.free(seq.req_id)
                     seq.num_computed = seq.num_registered = 0
@@ -162,6 +178,8 @@ class Scheduler:
                 k += len(use)
             elif self.unlease_fn is not None:
                 self.unlease_fn(holder, blocks)
+        if seq.tier_load is not None and k < seq.tier_load.first:
+            self._drop_load(seq)                   # the pool lost blocks before it: compute
         seq.num_computed = k * self.rm.block_size
         seq.num_registered = k
 
@@ -204,6 +222,61 @@ class Scheduler:
             else:
                 self.inflight.pop(h, None)
 
+    # ---- KV tiers ----------------------------------------------------------------------------
+    def _follow_load(self, seq: Sequence, budget: int) -> int:
+        """Tokens `seq` may compute this step, meeting its tier load (fabric/tiers.py): never
+        past the loader's frontier; once there, the loaded blocks join its table."""
+        ld = seq.tier_load
+        if ld is not None:
+            if not ld.ready():
+                return 0
+            bs, frontier = self.rm.block_size, ld.frontier
+            if ld.done and frontier >= ld.end:
+                self._drop_load(seq)                       # nothing came up
+            elif seq.num_computed >= frontier * bs and \
+                    seq.num_computed != len(self.rm.tables.get(seq.req_id, ())) * bs:
+                self._drop_load(seq)                       # not where the loaded blocks go
+            elif seq.num_computed >= frontier * bs:
+                start = seq.num_computed // bs
+                hashes, blocks, rest = ld.take(start)
+                self.rm.adopt_loaded(seq.req_id, hashes, blocks)
+                self.rm.finish_import([], rest)
+                seq.tier_load = None
+                seq.num_computed += len(blocks) * bs
+                seq.num_registered = seq.num_computed // bs
+                self._drop_inflight(seq, len(blocks))
+                self._count_load(seq, ld, loaded=len(blocks), computed=start - ld.first)
+            else:
+                return min(frontier * bs - seq.num_computed, budget)
+        return min(seq.num_tokens - seq.num_computed, budget)
+
+    def _count_load(self, seq: Sequence, ld, loaded: int, computed: int) -> None:
+        bs = self.rm.block_size
+        seq.tier = {"tier_policy": ld.mode, "tier_loaded_tokens": loaded * bs,
+                    "tier_computed_tokens": max(0, computed) * bs,
+                    "tier_load_s": round(ld.seconds, 6), "tier_blocks_read": dict(ld.tiers)}
+        if seq.prefix_counted and seq.num_preemptions == 0:   # else counted at admission
+            seq.cached_tokens += loaded * bs
+            self.prefix["hits"] += loaded * bs
+        self.tiers["loads"] += 1
+        self.tiers["loaded_tokens"] += loaded * bs
+        self.tiers["computed_tokens"] += max(0, computed) * bs
+
+    def _drop_load(self, seq: Sequence) -> None:
+        ld, seq.tier_load = seq.tier_load, None
+        if ld is not None:
+            self.rm.finish_import([], ld.cancel())
+            seq.tier = {"tier_policy": ld.mode, "tier_loaded_tokens": 0,
+                        "tier_computed_tokens": 0, "tier_load_s": round(ld.seconds, 6)}
+
+    def _free_load_returns(self) -> None:
+        while True:
+            try:
+                blocks = self.load_returns.get_nowait()
+            except queue.Empty:
+                return
+            self.rm.finish_import([], blocks)
+
     def drop_lease(self, seq: Sequence) -> None:
         if seq.lease is not None:
             holder, _, blocks = seq.lease
@@ -235,6 +308,7 @@ class Scheduler:
         """Free `seq`'s blocks and queue it first, to be recomputed from its tokens."""
         self.running.remove(seq)
         self._drop_inflight(seq)
+        self._drop_load(seq)
         self.rm.free(seq.req_id)
         seq.num_computed = seq.num_registered = 0
         seq.num_preemptions += 1

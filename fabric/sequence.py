@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fabric.context import BlockTable
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -18,6 +20,10 @@ class SamplingParams:
     top_k: int = 0                       # keep the k most likely tokens; 0 = off
     stop: tuple = ()                     # strings that end generation (cut from the text)
     stop_token_ids: tuple = ()           # token ids that end generation (kept in `tokens`)
+    # a turn of a session (multi-turn chat, agent): its KV stays protected in the pool for
+    # `ttl_s` seconds after it ends, for the session's next turn (fabric/prefix_cache.py)
+    session_id: str | None = None
+    ttl_s: float | None = None           # None: the fabric's prefix_cache.session_ttl_s
 
     @classmethod
     def from_request(cls, r: dict) -> "SamplingParams":
@@ -25,13 +31,15 @@ class SamplingParams:
         `check_request`. A single stop string may be given as a string."""
         return cls(r.get("max_new_tokens", 16), r.get("temperature", 0.0), r.get("seed"),
                    r.get("ignore_eos", False), r.get("top_p", 1.0), r.get("top_k", 0),
-                   _as_tuple(r.get("stop")), _as_tuple(r.get("stop_token_ids")))
+                   _as_tuple(r.get("stop")), _as_tuple(r.get("stop_token_ids")),
+                   r.get("session_id"), r.get("ttl_s"))
 
     def to_request(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
                 "seed": self.seed, "ignore_eos": self.ignore_eos, "top_p": self.top_p,
                 "top_k": self.top_k, "stop": list(self.stop),
-                "stop_token_ids": list(self.stop_token_ids)}
+                "stop_token_ids": list(self.stop_token_ids), "session_id": self.session_id,
+                "ttl_s": self.ttl_s}
 
 
 def _as_tuple(value) -> tuple:
@@ -62,10 +70,23 @@ class Sequence:
     cached_tokens: int = 0                 # prompt tokens served from a cache at admission
     prefix_counted: bool = False           # its first admission was counted in the stats
     lease: tuple | None = None             # (holder, first block, block ids) pinned there
+    # KV tiers (fabric/tiers.py): prompt blocks coming up from the node's host or disk tier
+    tier_load: object = None               # fabric.tiers.TierLoad while it runs
+    tier: dict = field(default_factory=dict)   # how its prefix came up, for `metrics`
+    block_table: BlockTable = field(default_factory=BlockTable)   # its table's tensor, per step
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    def token_range(self, start: int, stop: int) -> list[int]:
+        """`tokens[start:stop]`, without copying the whole of `tokens` (every step does this)."""
+        p = len(self.prompt)
+        if start >= p:
+            return self.output[start - p: stop - p]
+        if stop <= p:
+            return self.prompt[start:stop]
+        return self.prompt[start:] + self.output[:stop - p]
 
     @property
     def num_tokens(self) -> int:
@@ -86,4 +107,5 @@ class Sequence:
         tpot = (end - self.first_token_at) / (n - 1) if self.first_token_at and n > 1 else 0.0
         return {"ttft_s": ttft, "tpot_s": tpot, "latency_s": end - self.arrival,
                 "num_prompt_tokens": len(self.prompt), "num_output_tokens": n,
-                "num_preemptions": self.num_preemptions, "cached_tokens": self.cached_tokens}
+                "num_preemptions": self.num_preemptions, "cached_tokens": self.cached_tokens,
+                **self.tier}

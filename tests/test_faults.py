@@ -131,3 +131,28 @@ def test_dead_instance_is_replaced(cluster):
     assert again.tokens == ref.tokens
     assert sum(s["detail"]["remote_partials_served"] for s in fab.stats()["instances"]) > 0
     fab.shutdown()
+
+
+def test_killed_node_with_host_tier_blocks(cluster):
+    """The node holding a request's host-tier blocks (its instance and its tier store) dies:
+    the request is answered elsewhere by recomputing, with the fault-free tokens."""
+    import random
+
+    c, nodes = cluster
+    rng = random.Random(305)
+    block_bytes = 2 * 2 * 8 * 2 * 32 * 4             # tiny-llama, block_size 8, float32
+    fab = fabric.start({**CONFIG, "tiers": {"host_bytes": 64 * block_bytes, "prefill": "load"}})
+    prompt = [rng.randrange(3, 256) for _ in range(8 * 8 + 1)]
+    (r,) = fab.generate([prompt], max_new_tokens=5, ignore_eos=True)
+    home = next(s for s in fab.stats()["instances"] if s["id"] == r.home)
+    for _ in range(4):                                # push its blocks down to the host tier
+        fab.generate([[rng.randrange(3, 256) for _ in range(8 * 9)] for _ in range(3)],
+                     max_new_tokens=2, ignore_eos=True)
+    assert wait_for(lambda: any((n["host"] or {}).get("blocks", 0) >= 8 and
+                                n["node_id"] == home["node"]
+                                for n in fab.stats()["tiers"]["nodes"]))
+    c.remove_node(next(n for n in nodes if n.node_id == home["node"]))
+    (r2,) = fab.generate([prompt], max_new_tokens=5, ignore_eos=True)
+    assert r2.tokens == r.tokens and r2.home != r.home
+    assert all(n["node_id"] != home["node"] for n in fab.stats()["tiers"]["nodes"])
+    fab.shutdown()

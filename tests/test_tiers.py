@@ -1,0 +1,328 @@
+"""KV tiers without Ray: the host tier's LRU by bytes, the disk tier's atomic, checksummed
+files (a corrupt, truncated or vanished file is a miss; a full disk or a removed directory
+fails writes, never reads of what is left), session time-to-live in the prefix cache, and the
+engine bringing blocks up from a tier (load, compute-or-load) with greedy tokens identical to
+`transformers` and to recomputing."""
+
+import os
+import random
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+
+from fabric.engine import Engine
+from fabric.prefix_cache import PrefixCache, prompt_hashes
+from fabric.rmanager import RManager
+from fabric.sequence import SamplingParams
+from fabric.tiers import (HEADER, DiskTier, HostTier, TierCosts, TierLoad, pack, run_load,
+                          unpack)
+
+from tests.test_prefix_cache import hf_greedy, models, rand_tokens  # noqa: F401 (fixture)
+
+
+def payload(rng: random.Random, n: int = 64) -> bytes:
+    return bytes(rng.randrange(256) for _ in range(n))
+
+
+def h(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+# ---- 1. host and disk tiers ------------------------------------------------------------------
+def test_host_tier_is_lru_by_bytes():
+    rng = random.Random(201)
+    host = HostTier(capacity=200)
+    data = {i: payload(rng, 64) for i in range(5)}
+    assert host.put(h(0), data[0]) == [] and host.put(h(1), data[1]) == []
+    assert host.put(h(2), data[2]) == []
+    assert host.get(h(0)) == data[0]                      # 0 is now the most recent
+    out = host.put(h(3), data[3])                         # 256 > 200: the oldest (1) leaves
+    assert out == [(h(1), data[1])] and h(1) not in host and host.nbytes == 192
+    big = payload(rng, 500)
+    assert host.put(h(9), big) == [(h(9), big)] and h(9) not in host    # larger than the tier
+    assert host.clear() and host.nbytes == 0 and len(host) == 0
+
+
+def test_disk_tier_round_trip_lru_and_restart(tmp_path):
+    rng = random.Random(202)
+    size = HEADER.size + 100
+    disk = DiskTier(str(tmp_path), capacity=3 * size)
+    data = {i: payload(rng, 100) for i in range(4)}
+    for i in range(3):
+        assert disk.put(h(i), data[i])
+    assert disk.get(h(0)) == data[0]                      # 0 most recent now
+    assert disk.put(h(3), data[3])                        # evicts 1, the least recently used
+    assert h(1) not in disk and not os.path.exists(disk._file(h(1)))
+    assert disk.take_dropped() == [h(1)]
+    assert sorted(os.listdir(tmp_path)) == sorted(x.hex() + ".kv" for x in (h(0), h(2), h(3)))
+    # a restarted tier finds its files again (and cleans a half-written temporary file)
+    open(os.path.join(tmp_path, "tmp-deadbeef-1"), "wb").write(b"partial")
+    again = DiskTier(str(tmp_path), capacity=3 * size)
+    assert len(again) == 3 and again.get(h(3)) == data[3] and again.get(h(2)) == data[2]
+    assert not any(n.startswith("tmp-") for n in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "header", "rename", "delete"])
+def test_disk_tier_damaged_file_is_a_miss(tmp_path, damage):
+    rng = random.Random(203)
+    disk = DiskTier(str(tmp_path), capacity=10_000)
+    good, bad = payload(rng, 200), payload(rng, 200)
+    disk.put(h(1), good)
+    disk.put(h(2), bad)
+    f = disk._file(h(2))
+    raw = bytearray(open(f, "rb").read())
+    if damage == "flip":
+        raw[-7] ^= 0x40
+        open(f, "wb").write(raw)
+    elif damage == "truncate":
+        open(f, "wb").write(raw[: len(raw) // 2])
+    elif damage == "header":
+        open(f, "wb").write(raw[:10])
+    elif damage == "rename":                     # another block's file under this name
+        shutil.copy(disk._file(h(1)), f)
+    else:
+        os.unlink(f)
+    assert disk.get(h(2)) is None                  # never wrong KV
+    assert h(2) not in disk and disk.get(h(1)) == good
+    key = "vanished" if damage == "delete" else "corrupt"
+    assert disk.errors[key] == 1
+
+
+def test_disk_full_and_removed_directory(tmp_path):
+    rng = random.Random(204)
+    path = str(tmp_path / "tier")
+    disk = DiskTier(path, capacity=10_000)
+    a = payload(rng, 100)
+    assert disk.put(h(1), a)
+    disk.fail_writes = 2                            # the disk is full for two writes
+    assert not disk.put(h(2), payload(rng, 100)) and not disk.put(h(3), payload(rng, 100))
+    assert disk.errors["write_failed"] == 2 and h(2) not in disk
+    assert not any(n.startswith("tmp-") for n in os.listdir(path))
+    assert disk.get(h(1)) == a                      # what it holds still reads
+    shutil.rmtree(path)                             # the directory goes away
+    assert disk.get(h(1)) is None and disk.errors["vanished"] == 1
+    b = payload(rng, 100)
+    assert disk.put(h(4), b) and disk.get(h(4)) == b    # the next write makes it again
+
+
+def test_pack_unpack_and_wrong_size():
+    k, v = torch.randn(3, 4, 2, 5), torch.randn(3, 4, 2, 5)
+    p = pack(k, v)
+    k2, v2 = unpack(p, (3, 4, 2, 5), torch.float32)
+    assert torch.equal(k, k2) and torch.equal(v, v2)
+    assert unpack(p[:-4], (3, 4, 2, 5), torch.float32) is None
+    assert unpack(p, (3, 4, 2, 5), torch.float64) is None
+
+
+def test_costs_choose_by_measured_speeds():
+    c = TierCosts()
+    tiers = ["host"] * 8
+    assert c.choose("load", tiers, 16, 1e-3) == "load"          # a fixed policy is kept
+    est = c.estimates(tiers, 16, 1e-3)
+    assert est["compute_or_load"] < min(est["load"], est["recompute"])
+    assert c.choose("auto", tiers, 16, 1e-3) == "compute_or_load"
+    for _ in range(30):
+        c.observe_load("host", 4, 40.0)                          # a very slow tier
+    assert c.estimates(tiers, 16, 1e-3)["load"] > 50
+    assert c.choose("auto", [], 16, 1e-3) in ("recompute", "compute_or_load")
+
+
+# ---- 2. sessions in the prefix cache ------------------------------------------------------------
+def test_session_blocks_are_protected_until_expiry_and_give_way_last():
+    cache = PrefixCache()
+    for b in range(6):
+        cache.register(h(b), b)
+        cache.park(b)
+    cache.protect("s1", [0, 1], expires_at=100.0)
+    cache.protect("s2", [2], expires_at=50.0)
+    assert cache.num_evictable == 6 and set(cache.protected) == {0, 1, 2}
+    assert [b for b, _ in cache.evict(3)] == [3, 4, 5]          # unprotected go first
+    assert cache.num_session_evictions == 0
+    assert [b for b, _ in cache.evict(1)] == [2]                # then the nearest expiry (s2)
+    assert cache.num_session_evictions == 1 and "s2" not in cache.sessions
+    cache.check_integrity()
+    cache.unpark(0)                                               # the next turn uses block 0
+    assert cache.expire(99.0) == 0 and cache.expire(100.0) == 1
+    assert set(cache.evictable) == {1} and not cache.protected
+    assert cache.num_session_expiries == 1
+    cache.check_integrity()
+
+
+def test_rmanager_keeps_a_finished_session_turn():
+    rm = RManager(0, num_blocks=8, block_size=4)
+    rm.allocate("t1", 13)                                # 4 blocks, 3 full
+    hashes = [h(i) for i in range(3)]
+    rm.register_computed("t1", hashes, 0)
+    rm.keep_session("t1", "chat", expires_at=time.monotonic() + 60)
+    assert len(rm.cache.protected) == 3 and rm.num_free == 8     # counted as room
+    rm.check_integrity()
+    assert rm.allocate("big", 8 * 4 - 4 * 4 + 1)          # needs 5 free: the 4 unprotected ...
+    assert rm.cache.num_session_evictions == 0            # ... plus none protected
+    rm.free("big")
+    assert rm.allocate("big2", 8 * 4)                      # all 8: sessions give way
+    assert rm.cache.num_session_evictions == 3 and not rm.cache.sessions
+    rm.free("big2")
+    rm.check_integrity()
+
+
+# ---- 3. the engine bringing blocks up from a tier ----------------------------------------------
+GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
+
+
+def engine_with_host(models, kv_blocks=24):
+    eng = Engine(models[0], kv_blocks=kv_blocks, block_size=8, max_batch_tokens=32)
+    host = HostTier(capacity=1 << 30)
+
+    def sink(hashes, k, v):
+        for j, hh in enumerate(hashes):
+            host.put(hh, pack(k[:, j], v[:, j]))
+    eng.set_tier_sink(sink)
+    return eng, host
+
+
+def fill_host(eng, host, prompt, rng):
+    """Run `prompt`, then push its blocks out of the pool (into `host`) with other prompts."""
+    eng.generate([prompt], GREEDY)
+    hashes = prompt_hashes(prompt, 8, eng.scheduler.salt)
+    while any(x in eng.rm.cache.block_of for x in hashes):
+        eng.generate([rand_tokens(rng, 8 * 6)], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert all(x in host for x in hashes)
+    return hashes
+
+
+def start_load(eng, host, prompt, mode, delay=0.0):
+    hashes = prompt_hashes(prompt, 8, eng.scheduler.salt)
+    k = len(eng.rm.cache.lookup(hashes))
+    blocks = eng.rm.import_cached(len(hashes) - k)
+    ld = TierLoad(k, hashes[k:], blocks, mode)
+
+    def fetch(hs):
+        time.sleep(delay)
+        return [("host", host.get(x)) if x in host else None for x in hs]
+
+    def loader():
+        try:
+            run_load(ld, fetch, eng.kv.write_blocks, eng.block_shape, eng.kv.k.dtype, 2)
+        finally:
+            rest = ld.finish()
+            if rest:
+                eng.scheduler.load_returns.put(rest)
+    t = threading.Thread(target=loader)
+    t.start()
+    return ld, t
+
+
+def run_with_load(eng, prompt, ld):
+    rid = eng.add_request(prompt, GREEDY)
+    eng.seqs[rid].tier_load = ld
+    while eng.has_unfinished():
+        for s in eng.step()[1]:
+            if s.req_id == rid:
+                return s
+
+
+@pytest.mark.parametrize("mode,delay", [("load", 0.0), ("compute_or_load", 0.0),
+                                        ("compute_or_load", 0.05)])
+def test_engine_loads_blocks_from_a_tier_identically(models, mode, delay):
+    rng = random.Random(205)
+    prompt = rand_tokens(rng, 8 * 9 + 3)              # 9 full blocks below after eviction
+    eng, host = engine_with_host(models)
+    fill_host(eng, host, prompt, rng)
+    ld, t = start_load(eng, host, prompt, mode, delay)
+    seq = run_with_load(eng, prompt, ld)
+    t.join(timeout=60)
+    assert seq.output == hf_greedy(models, prompt, GREEDY.max_new_tokens)
+    m = seq.metrics()
+    assert m["tier_policy"] == mode and m["tier_loaded_tokens"] > 0
+    assert m["tier_loaded_tokens"] + m["tier_computed_tokens"] == 9 * 8
+    if mode == "load":
+        assert m["tier_loaded_tokens"] == 9 * 8 and m["cached_tokens"] == 9 * 8
+    if delay:                                          # a slow loader: compute did a share
+        assert m["tier_computed_tokens"] > 0
+    eng.step()                                         # frees what the loader gave back
+    eng.rm.check_integrity()
+    assert not eng.rm.importing
+    # the loaded blocks are cached again: the same prompt now hits the pool
+    again = eng.generate([prompt], GREEDY)[0]
+    assert again.output == seq.output and again.cached_tokens == 9 * 8
+
+
+def test_missing_block_below_is_computed_and_cancel_frees(models):
+    rng = random.Random(206)
+    prompt = rand_tokens(rng, 8 * 6 + 1)
+    eng, host = engine_with_host(models)
+    hashes = fill_host(eng, host, prompt, rng)
+    host.remove(hashes[4])                             # a hole: blocks 5.. cannot come up
+    ld, t = start_load(eng, host, prompt, "load")
+    seq = run_with_load(eng, prompt, ld)
+    t.join(timeout=60)
+    assert seq.output == hf_greedy(models, prompt, GREEDY.max_new_tokens)
+    assert seq.metrics()["tier_loaded_tokens"] == 8    # only block 5 (after the hole)
+    # a load whose request goes away gives every block back
+    ld2, t2 = start_load(eng, host, prompt, "compute_or_load", delay=0.05)
+    rid = eng.add_request(prompt, GREEDY)
+    eng.seqs[rid].tier_load = ld2
+    eng.abort(rid)
+    t2.join(timeout=60)
+    eng.step()
+    eng.rm.check_integrity()
+    assert not eng.rm.importing
+
+
+def test_session_turn_keeps_its_kv_for_the_next_turn(models):
+    rng = random.Random(207)
+    eng = Engine(models[0], kv_blocks=20, block_size=8, max_batch_tokens=32)
+    turn1 = rand_tokens(rng, 8 * 5 + 2)
+    p = SamplingParams(max_new_tokens=6, ignore_eos=True, session_id="chat-1", ttl_s=60)
+    first = eng.generate([turn1], p)[0]
+    assert eng.prefix_stats()["sessions"] == 1 and eng.prefix_stats()["blocks_protected"] > 0
+    # other traffic that needs the pool's room evicts other blocks first, not the session's
+    traffic = [rand_tokens(rng, 8 * 9) for _ in range(3)]
+    short = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    for t in traffic:
+        eng.generate([t], short)
+    assert eng.prefix_stats()["evictions"] > 0
+    turn2 = turn1 + first.output + rand_tokens(rng, 5)
+    second = eng.generate([turn2], p)[0]
+    assert second.output == hf_greedy(models, turn2, 6)
+    assert second.cached_tokens >= 8 * 5
+    # without a session the same traffic evicts the first turn (least recently used)
+    eng2 = Engine(models[0], kv_blocks=20, block_size=8, max_batch_tokens=32)
+    eng2.generate([turn1], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    for t in traffic:
+        eng2.generate([t], short)
+    miss = eng2.generate([turn2], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    assert miss.cached_tokens < second.cached_tokens
+    # a request too large for the free blocks still runs: the session gives way, counted
+    big = eng.generate([rand_tokens(rng, 8 * 19)], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+    assert big.output and eng.prefix_stats()["session_evictions_under_pressure"] > 0
+    eng.rm.check_integrity()
+
+
+def test_session_ttl_expires(models):
+    rng = random.Random(208)
+    eng = Engine(models[0], kv_blocks=20, block_size=8, max_batch_tokens=32)
+    p = SamplingParams(max_new_tokens=2, ignore_eos=True, session_id="s", ttl_s=0.2)
+    eng.generate([rand_tokens(rng, 8 * 3 + 1)], p)
+    assert eng.prefix_stats()["blocks_protected"] == 3
+    time.sleep(0.3)
+    eng.generate([rand_tokens(rng, 9)], SamplingParams(max_new_tokens=1))
+    st = eng.prefix_stats()
+    assert st["blocks_protected"] == 0 and st["session_expiries"] == 1
+    assert st["blocks_evictable"] >= 3
+
+
+@pytest.mark.parametrize("bad,msg", [({"session_id": ""}, "session_id"),
+                                     ({"session_id": 5}, "session_id"),
+                                     ({"session_id": "a", "ttl_s": -1}, "ttl_s"),
+                                     ({"session_id": "a", "ttl_s": "1"}, "ttl_s"),
+                                     ({"ttl_s": 5}, "needs a session_id")])
+def test_bad_session_fields_are_request_errors(models, bad, msg):
+    from fabric.errors import RequestError
+
+    eng = Engine(models[0], kv_blocks=8, block_size=8)
+    with pytest.raises(RequestError, match=msg):
+        eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2, **bad))
