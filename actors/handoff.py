@@ -50,9 +50,11 @@ class HandoffMixin:
                   "kv_bytes_moved": 0, "lent_blocks_relocated": 0, "lent_blocks_returned": 0,
                   "debtor_requests_recomputed": 0}
         report["fresh"] += self._hand_on_inbox()
-        with self.lock:
-            sched = self.engine.scheduler
-            exports = [(seq, *self._export(seq)) for seq in [*sched.running, *sched.waiting]]
+        with self.step_lock:        # no abort meanwhile; the books lock only to read the books
+            with self.lock:
+                sched = self.engine.scheduler
+                seqs = [*sched.running, *sched.waiting]
+            exports = [(seq, *self._export(seq)) for seq in seqs]
         for seq, state, k, v in exports:
             if seq.req_id not in self.engine.seqs:      # aborted meanwhile
                 continue
@@ -113,7 +115,7 @@ class HandoffMixin:
         self.stopped = True
         self.lifetime.set()
         self.wake.set()
-        with self.lock:
+        with self.step_lock, self.lock:
             left = len(self.engine.seqs)
             self.engine.model = None
             self.engine.kv = None
@@ -129,11 +131,12 @@ class HandoffMixin:
         """A request's state and the KV of its computed tokens ([L, n, bs, H_kv, D] each, in
         table order), read from this instance's blocks and from its creditors'."""
         rm, kv = self.engine.rm, self.engine.kv
-        state = _state_of(seq)
-        nb = rm.blocks_for(seq.num_computed)
+        with self.lock:
+            state = _state_of(seq)
+            nb = rm.blocks_for(seq.num_computed)
+            refs = rm.tables[seq.req_id][:nb] if nb else []
         if nb == 0:
             return state, None, None
-        refs = rm.tables[seq.req_id][:nb]
         k = torch.empty((kv.k.shape[0], nb, *kv.k.shape[2:]), dtype=kv.k.dtype)
         v = torch.empty_like(k)
         by_owner: dict[int, list[int]] = {}
@@ -332,43 +335,68 @@ class HandoffMixin:
             self.pause()
         moved = returned = preempted = 0
         try:
-            with self.lock:
-                rm, sched = self.engine.rm, self.engine.scheduler
-                for seq in sched.waiting:         # leases not used yet: recompute instead
-                    if seq.lease is not None and seq.lease[0] == creditor:
-                        sched.drop_lease(seq)
-                for req_id, lease in list(self.waiting_leases.items()):
-                    if lease[0] == creditor:
-                        self._drop_lease(self.waiting_leases.pop(req_id))
-                for seq in list(sched.running):
-                    table = rm.tables.get(seq.req_id, [])
-                    pos = [i for i, r in enumerate(table) if r.instance == creditor]
-                    if not pos:
-                        continue
-                    a, b = rm.lease_span.get(seq.req_id, (0, 0))
-                    if len(pos) > rm.num_free or any(a <= i < b for i in pos):
-                        # no room, or it reads the leaving instance's cache: recomputed
-                        sched.preempt(seq)
-                        preempted += 1
-                        continue
-                    old = [table[i].block for i in pos]
+            # No step and no abort meanwhile (`step_lock`); the books lock is let go while KV is
+            # read from the creditor, so each move is checked again before it is applied.
+            with self.step_lock:
+                with self.lock:
+                    moves = self._plan_relocation(creditor)
+                    preempted = sum(1 for m in moves if m is None)
+                for seq, pos, old in filter(None, moves):
                     k, v = self._read_lent_from(creditor, old)
-                    new = rm.take_local(len(pos))
-                    self.engine.kv.write_blocks(new, k, v)
-                    for i, b in zip(pos, new):
-                        table[i] = BlockRef(self.id, b)
-                    rm.num_remote_in_tables[creditor] -= len(pos)
-                    self._release(creditor, old)
-                    moved += len(pos)
-                spare = rm.spare.pop(creditor, [])
-                if spare:
-                    self._release(creditor, spare)
-                returned = len(spare)
+                    with self.lock:
+                        rm, sched = self.engine.rm, self.engine.scheduler
+                        table = rm.tables.get(seq.req_id)
+                        if table is None or [table[i] for i in pos] != \
+                                [BlockRef(creditor, b) for b in old]:
+                            continue                  # it ended or was recomputed meanwhile
+                        if len(pos) > rm.num_free:    # the room was taken meanwhile
+                            sched.preempt(seq)
+                            preempted += 1
+                            continue
+                        new = rm.take_local(len(pos))
+                        self.engine.kv.write_blocks(new, k, v)
+                        for i, b in zip(pos, new):
+                            table[i] = BlockRef(self.id, b)
+                        rm.num_remote_in_tables[creditor] -= len(pos)
+                        self._release(creditor, old)
+                        moved += len(pos)
+                with self.lock:
+                    spare = self.engine.rm.spare.pop(creditor, [])
+                    if spare:
+                        self._release(creditor, spare)
+                    returned = len(spare)
         finally:
             if not was_paused:
                 self.resume()
         self._beat_now()
         return {"moved": moved, "returned": returned, "preempted": preempted}
+
+    def _plan_relocation(self, creditor: int) -> list:
+        """Under the books lock: drop leases of `creditor`'s cache not used yet, recompute the
+        requests that cannot move (no room, or they read its cache), and list the others'
+        moves as (seq, table positions, block ids there); None for each request preempted."""
+        rm, sched = self.engine.rm, self.engine.scheduler
+        for seq in sched.waiting:         # leases not used yet: recompute instead
+            if seq.lease is not None and seq.lease[0] == creditor:
+                sched.drop_lease(seq)
+        for req_id, lease in list(self.waiting_leases.items()):
+            if lease[0] == creditor:
+                self._drop_lease(self.waiting_leases.pop(req_id))
+        moves, room = [], rm.num_free
+        for seq in list(sched.running):
+            table = rm.tables.get(seq.req_id, [])
+            pos = [i for i, r in enumerate(table) if r.instance == creditor]
+            if not pos:
+                continue
+            a, b = rm.lease_span.get(seq.req_id, (0, 0))
+            if len(pos) > room or any(a <= i < b for i in pos):
+                # no room, or it reads the leaving instance's cache: recomputed
+                sched.preempt(seq)
+                moves.append(None)
+                continue
+            room -= len(pos)
+            moves.append((seq, pos, [table[i].block for i in pos]))
+        return moves
 
     # ---- reports for the elastic manager -------------------------------------------------
     @ray.method(concurrency_group="control")
