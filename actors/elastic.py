@@ -21,6 +21,13 @@
 - Scale up: start the new replicas while the others serve (they map weights and allocate KV),
   then pause everyone between two steps, rebuild the data plane with the new ranks, and switch
   traffic (the membership epoch the driver follows).
+- Warm standbys: `instances.standbys` instance processes per node (CPU only) that imported torch,
+  the model code and the tokenizer and wait, taking no Ray resources and serving nothing (not
+  members: no routing, no stats, no liveness watch). A scale-up (or a replacement) reserves an
+  instance's CPUs on a ready standby's node (a placement group named after it, freed when it is
+  killed) and has it take the rank (`take_rank`): it maps the weights and joins the data plane like a cold
+  replica, without the second or two of starting Python and importing torch. A standby that
+  died or fails to adopt is dropped and the rank starts cold; used and dead ones are replaced.
 - Scale down (the highest ranks leave, so ranks stay 0..n-1): the leaving replicas stop
   admitting and lending, hand their requests' KV to the remaining ones, give back what they
   borrowed, have their debtors move lent blocks home; then the data plane is rebuilt without
@@ -34,6 +41,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -57,6 +65,8 @@ PING_TIMEOUT_S = 30.0      # a pinged replica that does not answer within this i
 LIFELINE_S = 60.0          # each lifeline call returns after this and is renewed
 REPLACE_PLACEMENT_S = 30.0  # a replacement not placed by then: no room now, retried later
 REPLACE_RETRY_S = 30.0     # seconds between two tries to replace a dead replica
+RESERVE_TIMEOUT_S = 1.0    # a standby's node that cannot reserve an instance's CPUs by then: skipped
+STANDBY_CHECK_S = 10.0     # how often the watchdog replaces dead standbys (and fills new nodes)
 SWITCH_TIMEOUT_S = 180.0   # a data-plane rendezvous or switch
 
 log = logging.getLogger(__name__)
@@ -82,6 +92,9 @@ class ElasticManager:
         self.member_lock = threading.Lock()           # names, handles and dead change together
         self.phases: dict[str, dict] = {}             # starting replica name -> its phase
         self.phase_lock = threading.Lock()
+        self.standbys: list[tuple] = []               # (name, node id, handle, ready ref)
+        self.standby_lock = threading.Lock()
+        self._next_standby_check = 0.0
         self.epoch = 0
         self.events: list[dict] = []
         self.start_event: dict | None = None
@@ -135,6 +148,7 @@ class ElasticManager:
                                                             namespace=self.namespace)
                 self.store_costs[node["NodeID"]] = {"bytes_loaded_from_disk": 0,
                                                     "bytes_copied": 0, "recovered": True}
+        self._kill_standbys()
         self.epoch = time.time_ns()
         if self.policy is not None:
             threading.Thread(target=self._policy_loop, name="autoscale", daemon=True).start()
@@ -194,6 +208,7 @@ class ElasticManager:
             costs = ray.get([h.weights_report.remote() for h in handles], timeout=CONTROL_TIMEOUT_S)
             self._replan_experts()
             self.start_event = self._event(0, count, t0, costs) | {"kind": "start"}
+        self._refill_standbys()
         if self.policy is not None:
             threading.Thread(target=self._policy_loop, name="autoscale", daemon=True).start()
         return self.members()
@@ -222,6 +237,128 @@ class ElasticManager:
     def _own_name(self) -> str:
         return f"kvfabric-{self.fabric_name}-elastic"
 
+    def _instance_name(self, rank: int) -> str:
+        return f"kvfabric-{self.fabric_name}-instance-{rank}.{next(self._serial)}"
+
+    def _kill(self, handle, name: str) -> None:
+        """Kill a replica or standby, and free the CPUs reserved for it if it was adopted."""
+        from ray.util.placement_group import get_placement_group, remove_placement_group
+
+        for end in (lambda: ray.kill(handle),
+                    lambda: remove_placement_group(get_placement_group(self._reservation(name)))):
+            try:
+                end()
+            except Exception:        # gone already; or started cold: nothing reserved
+                pass
+
+    # ---- warm standbys -------------------------------------------------------------------
+    def _standby_prefix(self) -> str:
+        return f"kvfabric-{self.fabric_name}-instance-warm."
+
+    def _reservation(self, name: str) -> str:
+        return f"{name}-cpus"
+
+    def _kill_standbys(self) -> None:
+        """Every standby by its name, an earlier life's too (unknown to this one), but not the
+        adopted ones that serve."""
+        for n in ray.util.list_named_actors():
+            if n.startswith(self._standby_prefix()) and n not in self.names:
+                try:
+                    self._kill(ray.get_actor(n, namespace=self.namespace), n)
+                except ValueError:          # it just died
+                    pass
+
+    def _standby_state(self, standby: tuple) -> str:
+        """"starting" (still importing), "ready" or "dead"."""
+        ready = standby[3]
+        if not ray.wait([ready], timeout=0)[0]:
+            return "starting"
+        try:
+            ray.get(ready)
+            return "ready"
+        except Exception:
+            return "dead"
+
+    def _refill_standbys(self) -> None:
+        """Keep `instances.standbys` standbys on every node with an instance's CPUs, once the
+        fabric serves; dead ones are dropped. CPU only: a GPU standby would hold its GPU."""
+        from actors.launch import new_standby
+
+        inst = self.cfg.instances
+        if not inst.standbys or inst.device == "cuda" or self.stopped or not self.names:
+            return
+        with self.standby_lock:
+            for s in [s for s in self.standbys if self._standby_state(s) == "dead"]:
+                self.standbys.remove(s)
+                self._kill(s[2], s[0])
+            have = collections.Counter(s[1] for s in self.standbys)
+            for node in ray.nodes():
+                if not node["Alive"] or node["Resources"].get("CPU", 0.0) < inst.num_cpus:
+                    continue
+                for _ in range(inst.standbys - have[node["NodeID"]]):
+                    name = f"{self._standby_prefix()}{next(self._serial)}"
+                    h = new_standby(self.cfg, node["NodeID"], name, self.controller_name,
+                                    self.namespace, self.fabric_name, self.detached,
+                                    self._own_name())
+                    self.standbys.append((name, node["NodeID"], h, h.__ray_ready__.remote()))
+
+    def _take_standbys(self, n: int) -> list[tuple[str, object]]:
+        """Up to `n` ready standbys, (name, handle), each with an instance's CPUs reserved on
+        its node; one whose node has no room now stays for a later event."""
+        taken = []
+        with self.standby_lock:
+            for s in [s for s in self.standbys if self._standby_state(s) == "ready"]:
+                if len(taken) < n and self._reserve(s[1], s[0]):
+                    self.standbys.remove(s)
+                    taken.append((s[0], s[2]))
+        return taken
+
+    def _reserve(self, node_id: str, name: str) -> bool:
+        """Hold an instance's CPUs on `node_id` for the standby `name` (it waited outside Ray's
+        accounting); False when the node has no room within RESERVE_TIMEOUT_S."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        if not self._bundle():
+            return True
+        pg = placement_group([self._bundle()], strategy="STRICT_PACK",
+                             name=self._reservation(name),
+                             lifetime="detached" if self.detached else None,
+                             bundle_label_selector=[{"ray.io/node-id": node_id}])
+        if pg.wait(RESERVE_TIMEOUT_S):
+            return True
+        remove_placement_group(pg)
+        return False
+
+    def _bring_up(self, ranks: list[int], placement_timeout_s: float | None = None
+                  ) -> tuple[list, list, int]:
+        """Ready replicas for `ranks`: (handles, names, how many were standbys). Ready standbys
+        adopt the first ranks while their nodes have room; the others start cold, as does a rank
+        whose standby fails to adopt (it is killed). Everything started is killed on failure."""
+        warm = self._take_standbys(len(ranks))
+        adopting = [(r, n, h, h.take_rank.remote(r)) for r, (n, h) in zip(ranks, warm)]
+        cold = ranks[len(warm):]
+        names = [self._instance_name(r) for r in cold]
+        handles = self._launch(cold, names)            # they start while the standbys adopt
+        got: dict[int, tuple] = {}
+        try:
+            for r, n, h, ref in adopting:
+                try:
+                    self._wait_ready([h], [n], placement_timeout_s, [ref])
+                    got[r] = (h, n)
+                except Exception as e:              # killed by `_wait_ready`: start it cold
+                    log.warning("elastic manager: standby %s failed to adopt rank %d (%s); "
+                                "starting it cold", n, r, e)
+                    cold.append(r)
+                    names.append(self._instance_name(r))
+                    handles += self._launch([r], names[-1:])
+            self._wait_ready(handles, names, placement_timeout_s)
+        except BaseException:
+            for h, n in list(got.values()) + list(zip(handles, names)):
+                self._kill(h, n)
+            raise
+        got |= dict(zip(cold, zip(handles, names)))
+        return [got[r][0] for r in ranks], [got[r][1] for r in ranks], len(ranks) - len(cold)
+
     # ---- start-up ------------------------------------------------------------------------
     def report_phase(self, name: str, rank: int, phase: str, node: str, ip: str) -> None:
         """A starting replica says what it is doing (named in a start-up timeout)."""
@@ -230,9 +367,10 @@ class ElasticManager:
             entry = self.phases.setdefault(name, {"rank": rank, "placed_at": now})
             entry.update(phase=phase, node=node, ip=ip, since=now)
 
-    def _wait_ready(self, handles: list, names: list[str],
-                    placement_timeout_s: float | None = None) -> None:
-        """Wait for new replicas to be constructed. One not placed on a node (no phase reported)
+    def _wait_ready(self, handles: list, names: list[str], placement_timeout_s: float | None = None,
+                    refs: list | None = None) -> None:
+        """Wait for new replicas to be constructed (`refs`: the calls that construct them, by
+        default `info` once the constructor ran). One not placed on a node (no phase reported)
         within `placement_timeout_s` (default `autoscale.scale_timeout_s`) found no room (Ray's
         autoscaler is asked for some after PLACEMENT_GRACE_S); one placed has
         `instances.startup_timeout_s` to finish. Either ends in a `FabricError` naming the rank,
@@ -240,7 +378,7 @@ class ElasticManager:
         a, inst = self.cfg.autoscale, self.cfg.instances
         placement_timeout_s = placement_timeout_s or a.scale_timeout_s
         t0 = time.monotonic()
-        pending = {h.info.remote(): name for h, name in zip(handles, names)}
+        pending = dict(zip(refs or [h.info.remote() for h in handles], names))
         asked = False
         try:
             while pending:
@@ -268,11 +406,8 @@ class ElasticManager:
                             f"{phase['node']} ({phase['ip']}) it has been {phase['phase']} for "
                             f"{now - phase['since']:.0f} s")
         except BaseException:
-            for h in handles:
-                try:
-                    ray.kill(h)
-                except Exception:
-                    pass
+            for h, name in zip(handles, names):
+                self._kill(h, name)
             if self.resources_requested > len(self.names):
                 self._request_resources(len(self.names))
             raise
@@ -362,6 +497,9 @@ class ElasticManager:
         for i, h in members:
             if ages.get(i, 0.0) > SILENT_BEATS * beat and not self._answers(h):
                 self._on_death(i, h._actor_id.hex(), f"silent for {ages[i]:.0f} s")
+        if time.monotonic() >= self._next_standby_check:
+            self._next_standby_check = time.monotonic() + STANDBY_CHECK_S
+            self._refill_standbys()
         if self.dead and time.monotonic() >= self._next_replace and \
                 self.scale_lock.acquire(blocking=False):
             try:
@@ -418,14 +556,10 @@ class ElasticManager:
             return True
         self._next_replace = time.monotonic() + REPLACE_RETRY_S
         for i in dead:
-            try:
-                ray.kill(self.handles[i])      # a half-dead process frees its resources
-            except Exception:
-                pass
-        names = [f"kvfabric-{self.fabric_name}-instance-{i}.{next(self._serial)}" for i in dead]
-        fresh = self._launch(dead, names)
+            self._kill(self.handles[i], self.names[i])   # a half-dead process frees its resources
+        fresh, names = [], []
         try:
-            self._wait_ready(fresh, names, placement_timeout_s=min(
+            fresh, names, _ = self._bring_up(dead, placement_timeout_s=min(
                 REPLACE_PLACEMENT_S, self.cfg.autoscale.scale_timeout_s))
             ray.get([self.controller.readmit.remote(i) for i in dead], timeout=CONTROL_TIMEOUT_S)
             handles, all_names = list(self.handles), list(self.names)
@@ -436,11 +570,8 @@ class ElasticManager:
         except Exception as e:
             self.replace_error = f"{type(e).__name__}: {e}"
             log.warning("elastic manager: replacing ranks %s failed: %s", dead, e)
-            for h in fresh:
-                try:
-                    ray.kill(h)
-                except Exception:
-                    pass
+            for h, n in zip(fresh, names):
+                self._kill(h, n)
             return False
         self._close_old_planes()
         with self.member_lock:
@@ -448,6 +579,7 @@ class ElasticManager:
         self._publish(all_names, handles)
         self.num_replaced += len(dead)
         self.replace_error = None
+        self._refill_standbys()
         return True
 
     # ---- scaling -------------------------------------------------------------------------
@@ -475,19 +607,17 @@ class ElasticManager:
     def _scale_up(self, target: int) -> dict:
         t0 = time.perf_counter()
         current = len(self.names)
-        names = [f"kvfabric-{self.fabric_name}-instance-{i}.{next(self._serial)}"
-                 for i in range(current, target)]
         ranks = list(range(current, target))
-        new = self._launch(ranks, names)
+        new, names = [], []
         try:
-            self._wait_ready(new, names)            # the others serve meanwhile
+            new, names, warm = self._bring_up(ranks)     # the others serve meanwhile
             t_ready = time.perf_counter()
             handles = self.handles + new
             ray.get([self.controller.readmit.remote(r) for r in ranks], timeout=CONTROL_TIMEOUT_S)
             pause_s = self._connect(handles, ["reconnect"] * current + ["connect"] * len(new))
         except Exception:              # nothing switched to the new ranks: forget them
-            for h in new:
-                ray.kill(h)
+            for h, n in zip(new, names):
+                self._kill(h, n)
             for r in ranks:
                 self.controller.remove_instance.remote(r)
             raise
@@ -495,9 +625,11 @@ class ElasticManager:
         self._publish(self.names + names, handles)        # traffic switches here
         costs = ray.get([h.weights_report.remote() for h in new], timeout=CONTROL_TIMEOUT_S)
         moved = self._replan_experts()
+        self._refill_standbys()
         return self._event(current, target, t0, costs) | {
             "kind": "up", "replica_ready_s": max(c["ready_s"] for c in costs),
-            "bring_up_s": t_ready - t0, "pause_s": pause_s, "expert_bytes_moved": moved,
+            "bring_up_s": t_ready - t0, "warm_replicas": warm, "pause_s": pause_s,
+            "expert_bytes_moved": moved,
             "naive_expert_bytes_moved": self.placement_report.get("naive_bytes_moved", 0)}
 
     def _scale_down(self, target: int) -> dict:
@@ -524,7 +656,7 @@ class ElasticManager:
         ray.get([h.retire.remote() for h in leave], timeout=CONTROL_TIMEOUT_S)
         if self.resources_requested > target:      # let the autoscaler take idle nodes back
             self._request_resources(target)
-        threading.Thread(target=self._reap, args=(leave,), daemon=True).start()
+        threading.Thread(target=self._reap, args=(leave, names[target:]), daemon=True).start()
         moved = self._replan_experts()
         total = lambda k: sum(r[k] for r in reports)   # noqa: E731
         return {"from": current, "to": target, "seconds": time.perf_counter() - t0,
@@ -550,10 +682,10 @@ class ElasticManager:
             raise FabricError(f"cannot scale to {target} replicas: a running request needs "
                               f"{largest} KV blocks, more than {target} replica(s) can hold ({cap})")
 
-    def _reap(self, leaving: list) -> None:
+    def _reap(self, leaving: list, names: list[str]) -> None:
         """Kill retired replicas once they have forwarded every handed-off result."""
         deadline = time.monotonic() + RETIRE_TIMEOUT_S
-        for h in leaving:
+        for h, name in zip(leaving, names):
             idle_checks = 0
             while time.monotonic() < deadline and idle_checks < 3:   # idle for ~1.5 s in a row
                 try:
@@ -561,10 +693,7 @@ class ElasticManager:
                 except Exception:
                     break
                 time.sleep(0.5)
-            try:
-                ray.kill(h)
-            except Exception:
-                pass
+            self._kill(h, name)
 
     def _event(self, before: int, after: int, t0: float, costs: list[dict]) -> dict:
         return {"from": before, "to": after, "seconds": time.perf_counter() - t0,
@@ -641,6 +770,8 @@ class ElasticManager:
                     "planner": sum(e["expert_bytes_moved"] for e in self.events),
                     "naive": sum(e["naive_expert_bytes_moved"] for e in self.events)},
                 "resources_requested": self.resources_requested,
+                "standbys": [{"name": s[0], "node": s[1], "state": self._standby_state(s)}
+                             for s in list(self.standbys)],
                 "weight_stores": {n: c for n, c in self.store_costs.items()}}
 
     def shutdown(self) -> None:
@@ -651,6 +782,12 @@ class ElasticManager:
             _internal_kv_del(self._record_key(), namespace=self.namespace)
         except Exception:
             pass
+        with self.standby_lock:      # and the standbys and the reservations
+            self._kill_standbys()
+            self.standbys = []
+        for pg in ray.util.placement_group_table().values():
+            if pg["name"].startswith(self._standby_prefix()) and pg["state"] != "REMOVED":
+                ray.util.remove_placement_group(ray.util.get_placement_group(pg["name"]))
         for s in self.stores.values():
             try:
                 ray.kill(s)

@@ -64,7 +64,7 @@ class InstanceActor(HandoffMixin, TransportHost):
     def __init__(self, instance_id: int, config: dict, controller_name: str, namespace: str,
                  fabric_name: str = "", manager_name: str | None = None, name: str = "",
                  standby: bool = False):
-        if standby:     # a warm process until `adopt`: torch, model code and tokenizer loaded
+        if standby:     # a warm process until `take_rank`: torch, model code and tokenizer loaded
             import autoscale.weights, fabric.model.checkpoint  # noqa: F401, E401
             from fabric.tokenizer import load_tokenizer
 
@@ -141,7 +141,7 @@ class InstanceActor(HandoffMixin, TransportHost):
             self.engine.set_tier_sink(self.tiers.offer)
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
 
-    def adopt(self, instance_id: int) -> None:
+    def take_rank(self, instance_id: int) -> None:
         """A warm standby becomes replica rank `instance_id`: the construction a cold replica
         does, without starting a process and importing torch first."""
         self.__init__(instance_id, *self._standby_args)
