@@ -4,6 +4,11 @@
 `"torch"` and `"triton"` force one (Triton on CPU tensors needs TRITON_INTERPRET=1, set before
 the first Triton call). Triton is imported only when its backend is first used.
 
+Every function checks its arguments (shapes, dtypes, devices; the torch backend also values,
+which syncs the host with a GPU). `validate=False` skips those checks: for a caller that checked
+its metadata once (the engine, per step, in `fabric.context.build_context`) and then calls once
+per layer; bad input is then undefined behaviour, not an error.
+
 Layout shared by every function: a KV pool per layer is `k_cache`, `v_cache`
 [num_blocks, block_size, H_kv, D]; slot = block_id * block_size + offset. Query head h reads KV
 head h // (H // H_kv) (GQA); KV heads are never expanded in memory.
@@ -26,7 +31,8 @@ __all__ = [
 
 def paged_attention_partial(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                            backend: str = "auto",
+                            validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over the KV held in these blocks, as a mergeable partial.
 
     q [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; block_tables
@@ -35,13 +41,14 @@ def paged_attention_partial(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     tokens, and lse [B, H] float32 (natural log; -inf, with out 0, where seq_lens is 0).
     """
     impl = registry.resolve(backend, q.device)
-    return impl.paged_attention_partial(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return impl.paged_attention_partial(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                        validate=validate)
 
 
 def paged_prefill_partial(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                          kv_lens: torch.Tensor, scale: float,
-                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                          kv_lens: torch.Tensor, scale: float, backend: str = "auto",
+                          validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked-prefill (or mixed-batch) attention over paged KV, as a mergeable partial.
 
     q [T, H, D]: the query tokens of B sequences concatenated; cu_seqlens_q [B + 1] int32
@@ -52,11 +59,11 @@ def paged_prefill_partial(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """
     impl = registry.resolve(backend, q.device)
     return impl.paged_prefill_partial(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens,
-                                      scale)
+                                      scale, validate=validate)
 
 
-def merge_attention_states(outs: torch.Tensor, lses: torch.Tensor,
-                           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention_states(outs: torch.Tensor, lses: torch.Tensor, backend: str = "auto",
+                           validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of S partials of the same queries.
 
     outs [S, ..., D] (e.g. [S, B, H, D] or [S, T, H, D]); lses [S, ...] float32. Returns
@@ -65,14 +72,14 @@ def merge_attention_states(outs: torch.Tensor, lses: torch.Tensor,
     out is NaN); if all are -inf, out is 0 and lse is -inf.
     """
     impl = registry.resolve(backend, outs.device)
-    return impl.merge_attention_states(outs, lses)
+    return impl.merge_attention_states(outs, lses, validate=validate)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, backend: str = "auto") -> None:
+             slot_mapping: torch.Tensor, backend: str = "auto", validate: bool = True) -> None:
     """Copies new tokens' k, v [N, H_kv, D] into the caches in place, exactly (same dtype).
 
     slot_mapping [N] int64: slot = block_id * block_size + offset; slot -1 skips that token.
     """
     impl = registry.resolve(backend, k.device)
-    impl.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    impl.write_kv(k, v, k_cache, v_cache, slot_mapping, validate=validate)

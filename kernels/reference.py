@@ -2,7 +2,8 @@
 
 Vectorised: blocks are gathered with index ops, attention runs as batched matmul + softmax in
 float32. Unlike the Triton backend it also checks tensor *values* (block tables cover the
-lengths, slots lie in the pool), which costs a host synchronisation on CUDA tensors.
+lengths, slots lie in the pool), which costs a host synchronisation on CUDA tensors; with
+`validate=False` it checks nothing (the caller checked once per step).
 """
 
 from __future__ import annotations
@@ -20,33 +21,33 @@ GATHER_BUDGET = 1 << 21
 SCORE_BUDGET = 1 << 23
 
 
-def paged_attention_partial(q, k_cache, v_cache, block_tables, seq_lens, scale):
+def paged_attention_partial(q, k_cache, v_cache, block_tables, seq_lens, scale, validate=True):
     """Decode attention over paged KV; shapes as in `kernels.paged_attention_partial`."""
-    check_decode(q, k_cache, v_cache, block_tables, seq_lens)
-    lens = seq_lens.long()
-    _check_tables(block_tables, lens, k_cache, "seq_lens[{}]")
-    return _attend_tokens(q, k_cache, v_cache, block_tables, lens, scale)
+    if validate:
+        check_decode(q, k_cache, v_cache, block_tables, seq_lens)
+        _check_tables(block_tables, seq_lens.long(), k_cache, "seq_lens[{}]")
+    return _attend_tokens(q, k_cache, v_cache, block_tables, seq_lens.long(), scale)
 
 
-def paged_prefill_partial(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale):
+def paged_prefill_partial(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale,
+                          validate=True):
     """Chunked-prefill attention over paged KV; shapes as in `kernels.paged_prefill_partial`."""
-    check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens)
-    cu = _check_cu_seqlens(cu_seqlens_q, q.shape[0])
+    if validate:
+        check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens)
+    cu = cu_seqlens_q.tolist()
     lens = kv_lens.long()
-    q_lens = torch.tensor([b - a for a, b in pairwise(cu)], device=q.device)
-    seq_ids = torch.repeat_interleave(torch.arange(len(q_lens), device=q.device), q_lens)
-    seq_max = torch.zeros_like(q_lens).scatter_reduce_(0, seq_ids, lens, "amax")
-    _check_tables(block_tables, seq_max, k_cache, "the longest kv_lens of sequence {}")
+    if validate:
+        _check_prefill_values(cu, block_tables, lens, k_cache, q.shape[0])
 
     out = q.new_zeros(q.shape)
     lse = torch.full(q.shape[:2], NEG_INF, dtype=torch.float32, device=q.device)
     # Sequences with a single query token (decode rows of a mixed batch) go in one batch.
-    singles = [cu[b] for b in range(len(q_lens)) if cu[b + 1] - cu[b] == 1]
+    singles = [b for b in range(len(cu) - 1) if cu[b + 1] - cu[b] == 1]
     if singles:
-        rows = torch.tensor(singles, device=q.device)
-        out[rows], lse[rows] = _attend_tokens(q[rows], k_cache, v_cache,
-                                              block_tables[seq_ids[rows]], lens[rows], scale)
-    for b in range(len(q_lens)):
+        rows = torch.tensor([cu[b] for b in singles], device=q.device)
+        tables = block_tables[torch.tensor(singles, device=q.device)]
+        out[rows], lse[rows] = _attend_tokens(q[rows], k_cache, v_cache, tables, lens[rows], scale)
+    for b in range(len(cu) - 1):
         if cu[b + 1] - cu[b] > 1:
             rows = slice(cu[b], cu[b + 1])
             out[rows], lse[rows] = _attend_sequence(q[rows], k_cache, v_cache, block_tables[b],
@@ -54,9 +55,10 @@ def paged_prefill_partial(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_le
     return out, lse
 
 
-def merge_attention_states(outs, lses):
+def merge_attention_states(outs, lses, validate=True):
     """Exact merge of partials; shapes as in `kernels.merge_attention_states`."""
-    check_merge(outs, lses)
+    if validate:
+        check_merge(outs, lses)
     lses = lses.float()
     lse = torch.logsumexp(lses, dim=0)
     weights = torch.exp(lses - lse.masked_fill(lse == NEG_INF, 0.0))  # exactly 0 where lse_i=-inf
@@ -64,13 +66,14 @@ def merge_attention_states(outs, lses):
     return terms.sum(dim=0).to(outs.dtype), lse
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping):
+def write_kv(k, v, k_cache, v_cache, slot_mapping, validate=True):
     """Scatters k, v [N, H_kv, D] into the caches at `slot_mapping` [N] (-1 = skip), in place."""
-    check_write(k, v, k_cache, v_cache, slot_mapping)
+    if validate:
+        check_write(k, v, k_cache, v_cache, slot_mapping)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    if slots.numel() and int(slots.max()) >= num_slots:
+    if validate and slots.numel() and int(slots.max()) >= num_slots:
         raise ValueError(f"slot_mapping holds slot {int(slots.max())} but the pool has only "
                          f"{num_slots} slots ({k_cache.shape[0]} blocks x {k_cache.shape[1]})")
     blocks, offsets = slots // k_cache.shape[1], slots % k_cache.shape[1]
@@ -179,8 +182,11 @@ def _check_tables(tables, lens, cache, what: str) -> None:
                          f"{int(lens[row])} uses it")
 
 
-def _check_cu_seqlens(cu_seqlens_q, num_tokens: int) -> list[int]:
-    cu = cu_seqlens_q.tolist()
+def _check_prefill_values(cu: list[int], tables, lens, cache, num_tokens: int) -> None:
+    """cu_seqlens_q rises from 0 to T; each sequence's table covers its longest kv_lens."""
     if cu[0] != 0 or cu[-1] != num_tokens or any(b < a for a, b in pairwise(cu)):
         raise ValueError(f"cu_seqlens_q must rise from 0 to T={num_tokens}, got {cu}")
-    return cu
+    q_lens = torch.tensor([b - a for a, b in pairwise(cu)], device=lens.device)
+    seq_ids = torch.repeat_interleave(torch.arange(len(q_lens), device=lens.device), q_lens)
+    seq_max = torch.zeros_like(q_lens).scatter_reduce_(0, seq_ids, lens, "amax")
+    _check_tables(tables, seq_max, cache, "the longest kv_lens of sequence {}")

@@ -1,7 +1,8 @@
 """Attention backends by name, imported on first use (`import kernels` never needs triton).
 
 A backend is a module defining `paged_attention_partial`, `paged_prefill_partial`,
-`merge_attention_states` and `write_kv` with the signatures of the `kernels` package.
+`merge_attention_states` and `write_kv` with the signatures of the `kernels` package, less
+`backend` (`validate` is passed by keyword).
 """
 
 from __future__ import annotations

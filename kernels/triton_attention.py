@@ -135,7 +135,7 @@ def _paged_attention_kernel(
 
 
 def paged_attention_partial(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                            num_splits: int | None = None):
+                            num_splits: int | None = None, validate: bool = True):
     """Decode attention of q [B, H, D] over the first seq_lens[b] tokens of block_tables[b].
 
     k_cache, v_cache [num_blocks, block_size, H_kv, D] (last dim contiguous); block_tables
@@ -143,7 +143,8 @@ def paged_attention_partial(q, k_cache, v_cache, block_tables, seq_lens, scale,
     and lse [B, H] float32 (-inf and out 0 where seq_lens is 0). num_splits overrides the
     flash-decoding split count (default: enough programs to fill the device).
     """
-    check_decode(q, k_cache, v_cache, block_tables, seq_lens)
+    if validate:
+        check_decode(q, k_cache, v_cache, block_tables, seq_lens)
     check_launchable(_paged_attention_kernel, q.device, "paged_attention_partial")
     check_cache_layout(k_cache, v_cache, "paged_attention_partial")
     # In decode mode the kernel maps tile b to row b itself: the two index tensors go unread.
@@ -152,14 +153,15 @@ def paged_attention_partial(q, k_cache, v_cache, block_tables, seq_lens, scale,
 
 
 def paged_prefill_partial(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale,
-                          num_splits: int | None = None):
+                          num_splits: int | None = None, validate: bool = True):
     """Chunked-prefill attention: query token t of q [T, H, D] sees the first kv_lens[t] tokens
     of its sequence's block table.
 
     cu_seqlens_q [B + 1] int32 (sequence b owns rows cu[b]:cu[b+1]); block_tables [B, max_blocks]
     int32; kv_lens [T] int32. Returns out [T, H, D] in q.dtype and lse [T, H] float32.
     """
-    check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens)
+    if validate:
+        check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens)
     check_launchable(_paged_attention_kernel, q.device, "paged_prefill_partial")
     check_cache_layout(k_cache, v_cache, "paged_prefill_partial")
     group = q.shape[1] // k_cache.shape[2]

@@ -35,12 +35,13 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, num_toke
     tl.store(v_cache_ptr + v_dst + (h * stride_vch + d * stride_vcd)[None, :], v, mask=mask)
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping):
+def write_kv(k, v, k_cache, v_cache, slot_mapping, validate: bool = True):
     """Copies k, v [N, H_kv, D] into k_cache, v_cache [num_blocks, block_size, H_kv, D] at
     slot_mapping [N] int64 (slot = block * block_size + offset; -1 = skip), in place.
 
     Slots past the pool are skipped too (the kernel cannot raise; the torch backend does)."""
-    check_write(k, v, k_cache, v_cache, slot_mapping)
+    if validate:
+        check_write(k, v, k_cache, v_cache, slot_mapping)
     check_launchable(_write_kv_kernel, k.device, "write_kv")
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
