@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fabric.model.args import ModelArgs
-from fabric.model.rope import RotaryEmbedding
+from fabric.model.rope import RotaryEmbedding, rotate
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -43,12 +43,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=bias)
 
-    def forward(self, x, positions, rope: RotaryEmbedding, attn: AttnFn):
+    def forward(self, x, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnFn):
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = rotate(q, k, *cos_sin)
         out = attn(self.layer_idx, q, k, v)                  # [T, H, D]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -115,8 +115,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x, positions, rope, attn):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn)
+    def forward(self, x, cos_sin, attn):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, attn)
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
         return x + ffn(self.post_attention_layernorm(x))
 
@@ -142,8 +142,9 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnFn) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        cos_sin = self.rope.gather(positions, x.dtype)       # once per step, for every layer
         for layer in self.model.layers:
-            x = layer(x, positions, self.rope, attn)
+            x = layer(x, cos_sin, attn)
         return self.model.norm(x)
 
     @torch.inference_mode()
