@@ -178,7 +178,8 @@ def _prefix_totals(instances: list[dict], index_blocks: int) -> dict:
     per = {s["id"]: s["prefix_cache"] for s in instances if "prefix_cache" in s}
     total = {k: sum(p[k] for p in per.values())
              for k in ("queries", "hits", "leased_hits", "blocks_cached", "blocks_evictable",
-                       "evictions")}
+                       "evictions", "sessions", "blocks_protected", "session_expiries",
+                       "session_evictions_under_pressure")}
     remote = {k: sum(p["remote"][k] for p in per.values())
               for k in ("lease", "copy", "recompute", "blocks_copied", "blocks_leased")}
     return total | {"hit_rate": total["hits"] / total["queries"] if total["queries"] else 0.0,

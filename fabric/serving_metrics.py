@@ -40,6 +40,16 @@ METRICS = {
     "prompt_tokens_cached_total": ("counter", "prompt tokens of finished requests served from a "
                                               "prefix cache"),
     "kv_blocks_cached": ("gauge", "KV blocks holding cached prefixes (in use or evictable)"),
+    "kv_tier_blocks": ("gauge", "KV blocks held by the nodes' tiers below the pools, by tier"),
+    "kv_tier_bytes": ("gauge", "bytes held by the nodes' tiers below the pools, by tier"),
+    "kv_tier_hits_total": ("counter", "KV blocks read back from a tier below the pools, by tier"),
+    "kv_tier_bytes_up_total": ("counter", "bytes brought up from a tier into a pool, by tier"),
+    "kv_tier_bytes_down_total": ("counter", "bytes written down into a tier, by tier"),
+    "kv_tier_loaded_tokens_total": ("counter", "prompt tokens whose KV came up from a tier"),
+    "kv_tier_computed_tokens_total": ("counter", "prompt tokens held below but computed "
+                                                 "(compute-or-load's share of compute)"),
+    "session_evictions_total": ("counter", "blocks of sessions within their time-to-live "
+                                           "evicted under memory pressure"),
     "num_instances": ("gauge", "live instances (replicas) of the fabric"),
     "stats_up": ("gauge", "1 when the last Fabric.stats() for the gauges succeeded"),
 }
@@ -171,7 +181,25 @@ class ServingMetrics:
         if stats is not None:
             for name, value in gauges(stats).items():
                 s[name] = [f"{_labels(b)} {_num(value)}"]
+            for name, samples in tier_samples(stats).items():
+                s[name] = [f"{_labels({**b, **labels})} {_num(v)}" for labels, v in samples]
         return s
+
+
+def tier_samples(stats: dict) -> dict[str, list[tuple[dict, float]]]:
+    """The KV-tier samples of one `Fabric.stats()` (per tier where labelled)."""
+    t = stats.get("tiers") or {}
+    out: dict[str, list[tuple[dict, float]]] = {}
+    for name, key in (("kv_tier_blocks", "blocks"), ("kv_tier_bytes", "bytes"),
+                      ("kv_tier_hits_total", "hits"), ("kv_tier_bytes_up_total", "bytes_up"),
+                      ("kv_tier_bytes_down_total", "bytes_down")):
+        out[name] = [({"tier": tier}, t[tier].get(key, 0)) for tier in ("host", "disk")
+                     if t.get(tier)]
+    out["kv_tier_loaded_tokens_total"] = [({}, t.get("loaded_tokens", 0))]
+    out["kv_tier_computed_tokens_total"] = [({}, t.get("computed_tokens", 0))]
+    out["session_evictions_total"] = [
+        ({}, (stats.get("prefix_cache") or {}).get("session_evictions_under_pressure", 0))]
+    return out
 
 
 def gauges(stats: dict) -> dict[str, float]:

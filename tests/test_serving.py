@@ -60,6 +60,22 @@ def test_chat_fields():
     assert oa.parse_chat({"model": "m", "messages": body["messages"]}, "m").max_tokens is None
 
 
+def test_session_fields():
+    req = oa.parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                         "session_id": "conv-7", "ttl_s": 45}, "m")
+    assert req.settings["session_id"] == "conv-7" and req.settings["ttl_s"] == 45.0
+    only = oa.parse_completion({"model": "m", "prompt": "x", "session_id": "a"}, "m")
+    assert only.settings["session_id"] == "a" and "ttl_s" not in only.settings
+    for body, param in (({"session_id": ""}, "session_id"), ({"session_id": 3}, "session_id"),
+                        ({"session_id": "a", "ttl_s": -1}, "ttl_s"),
+                        ({"session_id": "a", "ttl_s": "5"}, "ttl_s"),
+                        ({"session_id": "a", "ttl_s": 10 ** 9}, "ttl_s"),
+                        ({"ttl_s": 5}, "ttl_s")):
+        with pytest.raises(oa.APIError) as e:
+            oa.parse_completion({"model": "m", "prompt": "x", **body}, "m")
+        assert e.value.status == 400 and e.value.body()["error"]["param"] == param
+
+
 CHAT_MSGS = [{"role": "user", "content": "hi"}]
 
 
@@ -461,6 +477,25 @@ class TestTinyServer:
             time.sleep(0.5)
         assert 0 < cached < again.usage.prompt_tokens
         assert again.choices[0].text == first.choices[0].text
+
+    def test_session_turn_is_served_from_the_kept_kv(self, tiny):
+        prompt = "A session keeps its KV in the pool between turns, for a while. " * 2
+        body = {"ignore_eos": True, "session_id": "http-session", "ttl_s": 120}
+        first = tiny["client"].completions.create(model="tiny-llama", prompt=prompt,
+                                                  max_tokens=4, temperature=0, extra_body=body)
+        deadline = time.monotonic() + 120          # the index learns with the next heartbeats
+        while True:
+            again = tiny["client"].completions.create(model="tiny-llama", prompt=prompt,
+                                                      max_tokens=4, temperature=0,
+                                                      extra_body=body)
+            cached = again.usage.prompt_tokens_details.cached_tokens
+            if cached > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert cached > 0 and again.choices[0].text == first.choices[0].text
+        with pytest.raises(openai.BadRequestError, match="ttl_s"):
+            tiny["client"].completions.create(model="tiny-llama", prompt=prompt, max_tokens=2,
+                                              extra_body={"session_id": "s", "ttl_s": -1})
 
     def test_streamed_completion_with_usage(self, tiny):
         prompt = "Attention runs where the KV lives."

@@ -326,3 +326,45 @@ def test_bad_session_fields_are_request_errors(models, bad, msg):
     eng = Engine(models[0], kv_blocks=8, block_size=8)
     with pytest.raises(RequestError, match=msg):
         eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2, **bad))
+
+
+# ---- 4. config, index and routing --------------------------------------------------------------
+@pytest.mark.parametrize("tiers,field", [
+    ({"host_bytes": -1}, "tiers.host_bytes"), ({"disk_bytes": 10}, "tiers.disk_path"),
+    ({"disk_path": "  ", "disk_bytes": 10}, "tiers.disk_path"), ({"prefill": "fast"}, "tiers.prefill"),
+    ({"host_bytes": "1GB"}, "tiers.host_bytes"), ({"min_load_blocks": -2}, "tiers.min_load_blocks"),
+    ({"hosts": 1}, "tiers.hosts")])
+def test_tiers_config_errors_name_the_field(tiers, field):
+    from fabric.config import load_config
+    from fabric.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config({"tiers": tiers})
+    with pytest.raises(ConfigError, match="session_ttl_s"):
+        load_config({"prefix_cache": {"session_ttl_s": -1}})
+    ok = load_config({"tiers": {"host_bytes": 1 << 20}}).tiers
+    assert ok.enabled and ok.prefill == "auto" and not load_config({}).tiers.enabled
+
+
+def test_tier_index_and_routing_credit():
+    from fabric.routing import Load, PrefixIndex, TierIndex, route
+
+    hashes = [h(i) for i in range(10)]
+    tiers = TierIndex()
+    assert tiers.apply("nodeA", 1, None, [(x, "host") for x in hashes[:6]] +
+                       [(x, "disk") for x in hashes[6:]], [])
+    assert not tiers.apply("nodeA", 3, 2, [], [])               # does not follow: refused
+    assert tiers.apply("nodeA", 2, 1, [(hashes[0], "disk")], [(hashes[0], "host")])
+    assert tiers.tier_of("nodeA", hashes[0]) == {"disk"}
+    assert tiers.blocks_per_tier() == {"host": 5, "disk": 5} and len(tiers) == 10
+    assert tiers.run("nodeA", hashes, 0) == 10 and tiers.run("nodeB", hashes, 0) == 0
+    pool = PrefixIndex()
+    pool.apply(1, 1, None, hashes[:2], [])                       # rank 1 (node B) has 2 blocks
+    node_of = {0: "nodeA", 1: "nodeB"}
+    loads = {0: Load(), 1: Load()}
+    (r,) = route([(hashes, 12)], [0, 1], dict(loads), pool, tiers=tiers, node_of=node_of)
+    assert r.home == 0                       # 10 blocks below on A beat 2 in B's pool
+    (r,) = route([(hashes, 12)], [0, 1], dict(loads), pool, tiers=None, node_of=node_of)
+    assert r.home == 1                       # without the tier index: the pool hit wins
+    tiers.remove_node("nodeA")
+    assert tiers.run("nodeA", hashes, 0) == 0
