@@ -44,7 +44,6 @@ from fabric.sequence import SamplingParams
 from actors.handoff import HandoffMixin
 from actors.metrics import InstanceMetrics
 from actors.tierstore import TierClient, get_store
-from fabric.tiers import TierLoad
 from actors.transport import TransportHost
 
 BORROW_CHUNK = 8      # blocks borrowed at least per borrow event: keeps control calls off the token path
@@ -132,13 +131,14 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.engine.scheduler.session_ttl_s = self.cfg.prefix_cache.session_ttl_s
         # KV tiers below the pool (actors/tierstore.py): the node's host and disk tiers
         self.tiers: TierClient | None = None
-        self.waiting_loads: dict[str, TierLoad | dict] = {}   # request -> load, or what it chose
+        self.waiting_loads: dict[str, tuple] = {}     # request -> its tier plan, until admitted
         if self.cfg.tiers.enabled and self.cfg.prefix_cache.enabled:
             self._phase("connecting to its node's KV tiers")
             store = get_store(controller_name, controller_name, namespace, self.cfg.tiers)
             self.tiers = TierClient(store, self.engine.block_shape, self.engine.kv.k.dtype,
                                     self.engine.kv.write_blocks, self.engine.scheduler.load_returns)
             self.engine.set_tier_sink(self.tiers.offer)
+            self.engine.scheduler.start_load = self.tiers.start_load
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
 
     def take_rank(self, instance_id: int) -> None:
@@ -357,7 +357,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                 if lease is not None:
                     self.waiting_leases[r["id"]] = lease
             if self.tiers is not None and r["id"] not in self.waiting_leases:
-                self._start_tier_load(r["id"], r["prompt"])
+                self._plan_tier_load(r["id"], r["prompt"])
             self.inbox.put((r["id"], r["prompt"], params))
         except FabricError as e:
             w.done(id=r["id"], error=str(e), error_type=type(e).__name__)
@@ -459,8 +459,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                 break
         for req_id in list(self.waiting_leases):
             self._drop_lease(self.waiting_leases.pop(req_id, None))
-        for req_id in list(self.waiting_loads):
-            self._drop_tier_load(self.waiting_loads.pop(req_id, None))
+        self.waiting_loads.clear()
         with self.lock:
             for req_id in list(self.engine.seqs):
                 self.engine.abort(req_id)
@@ -565,24 +564,22 @@ class InstanceActor(HandoffMixin, TransportHost):
             except queue.Empty:
                 return
             lease = self.waiting_leases.pop(req_id, None)
-            load = self.waiting_loads.pop(req_id, None)
+            plan = self.waiting_loads.pop(req_id, None)
             if req_id in self.cancelled:
                 self.cancelled.discard(req_id)
                 self._drop_lease(lease)
-                self._drop_tier_load(load)
                 continue
             try:
                 with self.lock:
                     self.engine.add_request(prompt, params, req_id=req_id)
                     seq = self.engine.seqs[req_id]
                     seq.lease = lease
-                    if isinstance(load, TierLoad):
-                        seq.tier_load = load
-                    elif load is not None:
-                        seq.tier = load
+                    if plan is not None and plan[2] != "recompute":
+                        seq.tier_plan = plan
+                    elif plan is not None:
+                        seq.tier = {"tier_policy": "recompute"}
             except FabricError as e:
                 self._drop_lease(lease)
-                self._drop_tier_load(load)
                 w = self.waiters.pop(req_id, None)
                 if w is not None:
                     w.done(id=req_id, error=str(e), error_type=type(e).__name__)
@@ -849,9 +846,10 @@ class InstanceActor(HandoffMixin, TransportHost):
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     # ---- KV tiers ----------------------------------------------------------------------------
-    def _start_tier_load(self, req_id: str, prompt: list[int]) -> None:
-        """Prompt blocks past the pool's cached prefix that the node's tiers hold come up, or
-        are computed, as `tiers.prefill` and the measured speeds choose (fabric/tiers.py)."""
+    def _plan_tier_load(self, req_id: str, prompt: list[int]) -> None:
+        """Prompt blocks past the pool's cached prefix that the node's tiers hold: plan to
+        bring them up, or to compute them, as `tiers.prefill` and the measured speeds choose
+        (fabric/tiers.py). The scheduler starts the load at admission, when it has room."""
         eng, cfg, bs = self.engine, self.cfg.tiers, self.engine.rm.block_size
         hashes = prompt_hashes(prompt, bs, eng.scheduler.salt)
         with self.lock:
@@ -864,23 +862,7 @@ class InstanceActor(HandoffMixin, TransportHost):
             return
         mode = self.tiers.costs.choose(cfg.prefill, below, bs,
                                        eng.reuse_costs.est["prefill_s_per_token"])
-        if mode != "recompute":
-            with self.lock:
-                blocks = eng.rm.import_cached(len(below))
-            if blocks:
-                load = TierLoad(k, hashes[k: k + len(below)], blocks, mode)
-                self.waiting_loads[req_id] = load
-                self.tiers.start_load(load)
-                return
-            mode = "recompute"                      # no room for them here
-        self.waiting_loads[req_id] = {"tier_policy": mode, "tier_loaded_tokens": 0,
-                                      "tier_computed_tokens": 0, "tier_load_s": 0.0}
-
-    def _drop_tier_load(self, load) -> None:
-        if isinstance(load, TierLoad):
-            rest = load.cancel()
-            if rest:
-                self.engine.scheduler.load_returns.put(rest)
+        self.waiting_loads[req_id] = (k, hashes[k: k + len(below)], mode)
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def tier_stats(self) -> dict:

@@ -1,8 +1,8 @@
 """A node's KV tiers below the pools (fabric/tiers.py): one actor per node, and each
 instance's client of it.
 
-`NodeTierStore` holds the node's host tier (block payloads in the actor's memory, sized in
-bytes) and its disk tier (files in `tiers.disk_path`, one directory per node). Every instance
+`NodeTierStore` holds the node's host tier (block payloads in the node's Ray object store,
+shared memory that instances on the node map to read; sized in bytes) and its disk tier (files in `tiers.disk_path`, one directory per node). Every instance
 on the node writes its evicted prefix blocks there and reads them back; it is a detached named
 actor pinned to the node, so it outlives any instance (a restarted instance finds its blocks
 again) and ends with the fabric (`fab.shutdown`) or its node. It tells the controller's prefix
@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 
+import numpy as np
 import ray
 import torch
 
@@ -34,6 +35,11 @@ PUBLISH_S = 1.0            # how often the store tells the prefix index what it 
 STORE_PREFIX = "tiers-"
 
 log = logging.getLogger(__name__)
+
+
+def _as_bytes(data) -> bytes:
+    """A host-tier payload (an object-store reference) or disk bytes, as bytes."""
+    return ray.get(data).tobytes() if isinstance(data, ray.ObjectRef) else data
 
 
 def store_name(fabric_name: str, node_id: str) -> str:
@@ -80,7 +86,7 @@ class NodeTierStore:
             if h in self.host:
                 self.host.get(h)
                 return True
-            down = self.host.put(h, payload)
+            down = self.host.put(h, ray.put(np.frombuffer(payload, dtype=np.uint8)), len(payload))
             if h in self.host:
                 self.counters["host"]["bytes_down"] += len(payload)
                 self.events.append((True, h, "host"))
@@ -90,8 +96,9 @@ class NodeTierStore:
                     self.events.append((False, d, "host"))
         if self.disk is not None:               # what the host tier let go of goes to disk
             for d, data in down:
-                if d not in self.disk and self.disk.put(d, data):
-                    self.counters["disk"]["bytes_down"] += len(data)
+                raw = _as_bytes(data) if d not in self.disk else b""
+                if raw and self.disk.put(d, raw):
+                    self.counters["disk"]["bytes_down"] += len(raw)
                     self.events.append((True, d, "disk"))
             self._note_disk_drops()
         return (self.host is not None and h in self.host) or \
@@ -117,24 +124,29 @@ class NodeTierStore:
                     break
         return out
 
-    def get(self, hashes: list[bytes]) -> list[tuple[str, bytes] | None]:
-        """(tier, payload) of each block, None for one this node no longer has (or whose file
+    def get(self, hashes: list[bytes]) -> list[tuple[str, object] | None]:
+        """(tier, payload) of each block: an object-store reference from the host tier (the
+        reader maps it), bytes from disk; None for one this node no longer has (or whose file
         is corrupt: never wrong KV)."""
         out = []
         with self.lock:
             for h in hashes:
-                data = self.host.get(h) if self.host is not None else None
-                tier = "host"
-                if data is None and self.disk is not None:
-                    data, tier = self.disk.get(h), "disk"
+                if self.host is not None and h in self.host:
+                    n = self.host.blocks[h][1]
+                    out.append(("host", self.host.get(h)))
+                    self.counters["host"]["hits"] += 1
+                    self.counters["host"]["bytes_up"] += n
+                    continue
+                data = self.disk.get(h) if self.disk is not None else None
+                if self.disk is not None:
                     self._note_disk_drops()
                 if data is None:
                     self.counters["misses"] += 1
                     out.append(None)
                     continue
-                self.counters[tier]["hits"] += 1
-                self.counters[tier]["bytes_up"] += len(data)
-                out.append((tier, data))
+                self.counters["disk"]["hits"] += 1
+                self.counters["disk"]["bytes_up"] += len(data)
+                out.append(("disk", data))
         return out
 
     # ---- control -------------------------------------------------------------------------
@@ -275,7 +287,11 @@ class TierClient:
 
     def _load(self, ld: TierLoad) -> None:
         def fetch(hashes):
-            return ray.get(self.store.get.remote(hashes), timeout=CONTROL_TIMEOUT_S)
+            got = ray.get(self.store.get.remote(hashes), timeout=CONTROL_TIMEOUT_S)
+            refs = [g[1] for g in got if g is not None and isinstance(g[1], ray.ObjectRef)]
+            mapped = iter(ray.get(refs, timeout=CONTROL_TIMEOUT_S)) if refs else iter(())
+            return [g if g is None or not isinstance(g[1], ray.ObjectRef) else (g[0], next(mapped))
+                    for g in got]
 
         try:
             run_load(ld, fetch, self.write_kv, self.shape, self.dtype, LOAD_BATCH, self.costs)

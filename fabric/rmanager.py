@@ -46,6 +46,7 @@ class RManager:
         self.leases: dict[int, dict[int, int]] = {}  # reader instance -> block -> read pins
         self.lease_span: dict[str, tuple[int, int]] = {}  # request -> leased table positions
         self.importing: set[int] = set()             # blocks receiving copied cached KV
+        self.loading: dict[str, int] = {}            # request -> import blocks its tier load holds
         self.lend_cap = int(max_lend_fraction * num_blocks)
         self.min_free = reserve_blocks(num_blocks, min_free_fraction)
         self.tables: dict[str, list[BlockRef]] = {}

@@ -20,6 +20,7 @@ from collections import deque
 from fabric.prefix_cache import extend_hashes
 from fabric.rmanager import RManager
 from fabric.sequence import Sequence
+from fabric.tiers import TierLoad
 
 SHARING_SCAN = 64     # waiting requests looked at per step past ones held back for sharing
 
@@ -44,7 +45,8 @@ class Scheduler:
         self.session_ttl_s = 0.0              # a session turn's TTL when it names none
         # blocks of tier loads the loader let go of (it writes them no more): freed next step
         self.load_returns: queue.SimpleQueue = queue.SimpleQueue()
-        self.tiers = {"loaded_tokens": 0, "computed_tokens": 0, "loads": 0}
+        self.tiers = {"loaded_tokens": 0, "computed_tokens": 0, "loads": 0, "no_room": 0}
+        self.start_load = None                # (TierLoad): the host's loader brings blocks up
 
     @property
     def num_unfinished(self) -> int:
@@ -74,7 +76,9 @@ class Scheduler:
         return sum(self._num_to_full(s) for s in self.running)
 
     def _num_to_full(self, seq: Sequence) -> int:
-        return self.rm.num_missing(seq.req_id, seq.max_tokens)
+        """Blocks `seq` will still take (those its tier load holds already are not counted)."""
+        return max(0, self.rm.num_missing(seq.req_id, seq.max_tokens) -
+                   self.rm.loading.get(seq.req_id, 0))
 
     def _can_admit(self, seq: Sequence) -> bool:
         if not self.reserve_on_admit:
@@ -121,16 +125,19 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_num_seqs or held > SHARING_SCAN:
                 break
             fresh = seq.num_computed == 0 and not self.rm.tables.get(seq.req_id)
-            if fresh and (self._waits_for_sharing(seq) or
-                          (seq.tier_load is not None and not seq.tier_load.ready())):
+            if fresh and self._waits_for_sharing(seq):
                 held += 1
                 continue
             if fresh:
                 self._attach_prefix(seq)
+                if self._can_admit(seq):
+                    self._start_planned_load(seq, budget)
             n = self._follow_load(seq, budget)
-            if n == 0 or not self._can_admit(seq) or \
-                    not self.rm.allocate(seq.req_id, seq.num_computed + n):
+            loading = n == 0 and seq.tier_load is not None     # load-only: admitted, waits
+            if n == 0 and not loading or not self._can_admit(seq) or \
+                    not (loading or self.rm.allocate(seq.req_id, seq.num_computed + n)):
                 if fresh:                      # not admitted: its cached blocks are let go
+                    self._drop_load(seq)
                     self.rm.free(seq.req_id)
                     seq.num_computed = seq.num_registered = 0
                 break
@@ -138,8 +145,9 @@ class Scheduler:
             self.running.append(seq)
             if fresh:
                 self._admitted_fresh(seq)
-            batch.append((seq, n))
-            budget -= n
+            if not loading:
+                batch.append((seq, n))
+                budget -= n
         return batch
 
     # ---- prefix caching ------------------------------------------------------------------
@@ -223,6 +231,28 @@ class Scheduler:
                 self.inflight.pop(h, None)
 
     # ---- KV tiers ----------------------------------------------------------------------------
+    def _start_planned_load(self, seq: Sequence, budget: int) -> None:
+        """At admission: if `seq`'s prompt continues its cached prefix with blocks its host
+        found in a lower tier (`seq.tier_plan`: first position, their hashes, the way chosen),
+        take pool blocks for them and start the loader. Without room, they are computed."""
+        plan, seq.tier_plan = seq.tier_plan, None
+        if plan is None or self.start_load is None:
+            return
+        first, hashes, mode = plan
+        bs = self.rm.block_size
+        k, end = seq.num_computed // bs, first + len(hashes)
+        if not first <= k < end:                   # the pool lost blocks before them, or has all
+            return
+        after = self.rm.blocks_for(min(budget, len(seq.prompt) - end * bs))
+        if end - k + after > self.rm.num_free:
+            self.tiers["no_room"] += 1
+            seq.tier = {**seq.tier, "tier_policy": "recompute"}
+            return
+        blocks = self.rm.import_cached(end - k)
+        self.rm.loading[seq.req_id] = len(blocks)
+        seq.tier_load = TierLoad(k, hashes[k - first:], blocks, mode)
+        self.start_load(seq.tier_load)
+
     def _follow_load(self, seq: Sequence, budget: int) -> int:
         """Tokens `seq` may compute this step, meeting its tier load (fabric/tiers.py): never
         past the loader's frontier; once there, the loaded blocks join its table."""
@@ -239,6 +269,7 @@ class Scheduler:
             elif seq.num_computed >= frontier * bs:
                 start = seq.num_computed // bs
                 hashes, blocks, rest = ld.take(start)
+                self.rm.loading.pop(seq.req_id, None)
                 self.rm.adopt_loaded(seq.req_id, hashes, blocks)
                 self.rm.finish_import([], rest)
                 seq.tier_load = None
@@ -265,6 +296,7 @@ class Scheduler:
     def _drop_load(self, seq: Sequence) -> None:
         ld, seq.tier_load = seq.tier_load, None
         if ld is not None:
+            self.rm.loading.pop(seq.req_id, None)
             self.rm.finish_import([], ld.cancel())
             seq.tier = {"tier_policy": ld.mode, "tier_loaded_tokens": 0,
                         "tier_computed_tokens": 0, "tier_load_s": round(ld.seconds, 6)}

@@ -21,6 +21,7 @@ import os
 import struct
 import threading
 import time
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -37,11 +38,13 @@ def checksum(payload: bytes) -> bytes:
 
 
 class HostTier:
-    """Block payloads in memory up to `capacity` bytes, least recently used out first."""
+    """Block payloads in memory up to `capacity` bytes, least recently used out first. A
+    payload may be any value with its size given (the node's store keeps object-store
+    references)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.blocks: OrderedDict[bytes, bytes] = OrderedDict()
+        self.blocks: OrderedDict[bytes, tuple[object, int]] = OrderedDict()
         self.nbytes = 0
 
     def __contains__(self, h: bytes) -> bool:
@@ -50,33 +53,35 @@ class HostTier:
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def put(self, h: bytes, payload: bytes) -> list[tuple[bytes, bytes]]:
+    def put(self, h: bytes, payload, nbytes: int | None = None) -> list[tuple[bytes, object]]:
         """Keep `payload` as `h`; returns what had to leave (oldest first), for the tier below.
         A payload larger than the whole tier goes straight down."""
+        size = len(payload) if nbytes is None else nbytes
         if h in self.blocks:
             self.blocks.move_to_end(h)
             return []
-        if len(payload) > self.capacity:
+        if size > self.capacity:
             return [(h, payload)]
         out = []
-        while self.nbytes + len(payload) > self.capacity:
-            old, data = self.blocks.popitem(last=False)
-            self.nbytes -= len(data)
+        while self.nbytes + size > self.capacity:
+            old, (data, n) = self.blocks.popitem(last=False)
+            self.nbytes -= n
             out.append((old, data))
-        self.blocks[h] = payload
-        self.nbytes += len(payload)
+        self.blocks[h] = (payload, size)
+        self.nbytes += size
         return out
 
-    def get(self, h: bytes) -> bytes | None:
-        data = self.blocks.get(h)
-        if data is not None:
-            self.blocks.move_to_end(h)
-        return data
+    def get(self, h: bytes):
+        entry = self.blocks.get(h)
+        if entry is None:
+            return None
+        self.blocks.move_to_end(h)
+        return entry[0]
 
     def remove(self, h: bytes) -> None:
-        data = self.blocks.pop(h, None)
-        if data is not None:
-            self.nbytes -= len(data)
+        entry = self.blocks.pop(h, None)
+        if entry is not None:
+            self.nbytes -= entry[1]
 
     def clear(self) -> list[bytes]:
         gone = list(self.blocks)
@@ -295,14 +300,17 @@ def pack(k: torch.Tensor, v: torch.Tensor) -> bytes:
     return both.view(torch.uint8).numpy().tobytes()
 
 
-def unpack(payload: bytes, shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The inverse of `pack`; None when the payload does not have this model's block size."""
+def unpack(payload, shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The inverse of `pack`, over any buffer (bytes, a read-only array mapped from the object
+    store: not copied, only read); None when it does not have this model's block size."""
+    buf = memoryview(payload).cast("B")
     want = 2 * torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    if len(payload) != want:
+    if len(buf) != want:
         return None
-    both = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).view(2, *shape)
+    with warnings.catch_warnings():          # read-only buffers: torch warns, we only read
+        warnings.simplefilter("ignore", UserWarning)
+        both = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(2, *shape)
     return both[0], both[1]
-
 
 
 def run_load(ld: TierLoad, fetch, write_kv, shape: tuple, dtype: torch.dtype, batch: int,

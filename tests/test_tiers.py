@@ -193,35 +193,48 @@ def fill_host(eng, host, prompt, rng):
     return hashes
 
 
-def start_load(eng, host, prompt, mode, delay=0.0):
+def plan_load(eng, host, prompt, mode, delay=0.0):
+    """What an instance does: the plan for `prompt`'s blocks in `host`, and a loader (a thread
+    per load, as `TierClient`) for the scheduler to start at admission."""
     hashes = prompt_hashes(prompt, 8, eng.scheduler.salt)
     k = len(eng.rm.cache.lookup(hashes))
-    blocks = eng.rm.import_cached(len(hashes) - k)
-    ld = TierLoad(k, hashes[k:], blocks, mode)
+    threads, loads = [], []
 
     def fetch(hs):
         time.sleep(delay)
         return [("host", host.get(x)) if x in host else None for x in hs]
 
-    def loader():
+    def loader(ld):
         try:
             run_load(ld, fetch, eng.kv.write_blocks, eng.block_shape, eng.kv.k.dtype, 2)
         finally:
             rest = ld.finish()
             if rest:
                 eng.scheduler.load_returns.put(rest)
-    t = threading.Thread(target=loader)
-    t.start()
-    return ld, t
+
+    def start(ld):
+        loads.append(ld)
+        threads.append(threading.Thread(target=loader, args=(ld,)))
+        threads[-1].start()
+    eng.scheduler.start_load = start
+    return (k, hashes[k:], mode), threads, loads
 
 
-def run_with_load(eng, prompt, ld):
+def run_with_plan(eng, prompt, plan):
     rid = eng.add_request(prompt, GREEDY)
-    eng.seqs[rid].tier_load = ld
+    eng.seqs[rid].tier_plan = plan
     while eng.has_unfinished():
         for s in eng.step()[1]:
             if s.req_id == rid:
                 return s
+
+
+def settle(eng, threads):
+    for t in threads:
+        t.join(timeout=60)
+    eng.step()                                         # frees what the loaders gave back
+    eng.rm.check_integrity()
+    assert not eng.rm.importing and not eng.rm.loading
 
 
 @pytest.mark.parametrize("mode,delay", [("load", 0.0), ("compute_or_load", 0.0),
@@ -231,9 +244,9 @@ def test_engine_loads_blocks_from_a_tier_identically(models, mode, delay):
     prompt = rand_tokens(rng, 8 * 9 + 3)              # 9 full blocks below after eviction
     eng, host = engine_with_host(models)
     fill_host(eng, host, prompt, rng)
-    ld, t = start_load(eng, host, prompt, mode, delay)
-    seq = run_with_load(eng, prompt, ld)
-    t.join(timeout=60)
+    plan, threads, loads = plan_load(eng, host, prompt, mode, delay)
+    seq = run_with_plan(eng, prompt, plan)
+    assert len(loads) == 1
     assert seq.output == hf_greedy(models, prompt, GREEDY.max_new_tokens)
     m = seq.metrics()
     assert m["tier_policy"] == mode and m["tier_loaded_tokens"] > 0
@@ -242,9 +255,7 @@ def test_engine_loads_blocks_from_a_tier_identically(models, mode, delay):
         assert m["tier_loaded_tokens"] == 9 * 8 and m["cached_tokens"] == 9 * 8
     if delay:                                          # a slow loader: compute did a share
         assert m["tier_computed_tokens"] > 0
-    eng.step()                                         # frees what the loader gave back
-    eng.rm.check_integrity()
-    assert not eng.rm.importing
+    settle(eng, threads)
     # the loaded blocks are cached again: the same prompt now hits the pool
     again = eng.generate([prompt], GREEDY)[0]
     assert again.output == seq.output and again.cached_tokens == 9 * 8
@@ -255,21 +266,42 @@ def test_missing_block_below_is_computed_and_cancel_frees(models):
     prompt = rand_tokens(rng, 8 * 6 + 1)
     eng, host = engine_with_host(models)
     hashes = fill_host(eng, host, prompt, rng)
-    host.remove(hashes[4])                             # a hole: blocks 5.. cannot come up
-    ld, t = start_load(eng, host, prompt, "load")
-    seq = run_with_load(eng, prompt, ld)
-    t.join(timeout=60)
+    host.remove(hashes[4])                             # a hole: only block 5 can come up
+    plan, threads, _ = plan_load(eng, host, prompt, "load")
+    seq = run_with_plan(eng, prompt, plan)
     assert seq.output == hf_greedy(models, prompt, GREEDY.max_new_tokens)
-    assert seq.metrics()["tier_loaded_tokens"] == 8    # only block 5 (after the hole)
+    assert seq.metrics()["tier_loaded_tokens"] == 8
+    settle(eng, threads)
     # a load whose request goes away gives every block back
-    ld2, t2 = start_load(eng, host, prompt, "compute_or_load", delay=0.05)
+    fill_host(eng, host, prompt, rng)
+    host.remove(hashes[4])
+    host.put(hashes[4], b"x")                          # the wrong size: also a miss
+    plan, threads, loads = plan_load(eng, host, prompt, "compute_or_load", delay=0.05)
     rid = eng.add_request(prompt, GREEDY)
-    eng.seqs[rid].tier_load = ld2
+    eng.seqs[rid].tier_plan = plan
+    eng.step()                                         # admitted: the load starts
+    assert loads and eng.rm.loading
     eng.abort(rid)
-    t2.join(timeout=60)
-    eng.step()
-    eng.rm.check_integrity()
-    assert not eng.rm.importing
+    settle(eng, threads)
+
+
+def test_no_room_for_the_blocks_below_computes_them(models):
+    rng = random.Random(209)
+    prompt = rand_tokens(rng, 8 * 9 + 3)
+    eng, host = engine_with_host(models)
+    fill_host(eng, host, prompt, rng)
+    hold = eng.add_request(rand_tokens(rng, 8 * 18), SamplingParams(max_new_tokens=40,
+                                                                   ignore_eos=True))
+    eng.step()                                         # 19 of 24 blocks held by a long request
+    plan, threads, loads = plan_load(eng, host, prompt, "load")
+    seq = run_with_plan(eng, prompt, plan)
+    assert not loads and seq.metrics()["tier_policy"] == "recompute"
+    assert eng.scheduler.tiers["no_room"] == 1
+    assert seq.output == hf_greedy(models, prompt, GREEDY.max_new_tokens)
+    while eng.has_unfinished():
+        eng.step()
+    assert hold not in eng.seqs
+    settle(eng, threads)
 
 
 def test_session_turn_keeps_its_kv_for_the_next_turn(models):
