@@ -134,8 +134,10 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.waiting_loads: dict[str, tuple] = {}     # request -> its tier plan, until admitted
         if self.cfg.tiers.enabled and self.cfg.prefix_cache.enabled:
             self._phase("connecting to its node's KV tiers")
-            store = get_store(controller_name, controller_name, namespace, self.cfg.tiers)
-            self.tiers = TierClient(store, self.engine.block_shape, self.engine.kv.k.dtype,
+            tiers_cfg = self.cfg.tiers
+            self.tiers = TierClient(lambda: get_store(controller_name, controller_name, namespace,
+                                                      tiers_cfg),
+                                    self.engine.block_shape, self.engine.kv.k.dtype,
                                     self.engine.kv.write_blocks, self.engine.scheduler.load_returns)
             self.engine.set_tier_sink(self.tiers.offer)
             self.engine.scheduler.start_load = self.tiers.start_load

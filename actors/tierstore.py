@@ -32,6 +32,7 @@ WRITE_BATCH = 8            # evicted blocks sent down per call, at most
 WRITE_QUEUE_BLOCKS = 256   # blocks waiting to go down; past this the oldest are dropped
 LOAD_BATCH = 4             # blocks brought up per call (tail first)
 PUBLISH_S = 1.0            # how often the store tells the prefix index what it holds
+LOOKUP_TIMEOUT_S = 5.0     # a request's lookup waits at most this (then: computed)
 STORE_PREFIX = "tiers-"
 
 log = logging.getLogger(__name__)
@@ -222,8 +223,10 @@ class TierClient:
     """An instance's handle on its node's tiers: writes evicted blocks down (a thread, in
     batches), looks up and loads blocks up (a thread per load)."""
 
-    def __init__(self, store, block_shape: tuple, dtype: torch.dtype, write_kv, returns):
-        self.store, self.shape, self.dtype = store, block_shape, dtype
+    def __init__(self, store_fn, block_shape: tuple, dtype: torch.dtype, write_kv, returns):
+        self.store_fn = store_fn             # () -> this node's store, started if it is not
+        self.store = store_fn()
+        self.shape, self.dtype = block_shape, dtype
         self.write_kv = write_kv             # (blocks, k, v): into this instance's pool
         self.returns = returns               # blocks a finished load gives back (scheduler)
         self.costs = TierCosts()
@@ -267,17 +270,28 @@ class TierClient:
                     except queue.Empty:
                         pass
             try:
-                ray.get(self.store.put.remote(hashes, payloads), timeout=CONTROL_TIMEOUT_S)
+                ray.get(self._store().put.remote(hashes, payloads), timeout=CONTROL_TIMEOUT_S)
                 self.counters["blocks_down"] += len(hashes)
             except Exception as e:
+                self._lost(e)
                 self.counters["write_errors"] += 1
                 log.warning("tier write of %d blocks failed: %r", len(hashes), e)
+
+    def _store(self):
+        if self.store is None:               # the store died: the node's next one (empty)
+            self.store = self.store_fn()
+        return self.store
+
+    def _lost(self, exc: Exception) -> None:
+        if isinstance(exc, ray.exceptions.RayActorError):
+            self.store = None
 
     # ---- up ------------------------------------------------------------------------------
     def lookup(self, hashes: list[bytes]) -> list[str]:
         try:
-            return ray.get(self.store.lookup.remote(hashes), timeout=CONTROL_TIMEOUT_S)
-        except Exception:
+            return ray.get(self._store().lookup.remote(hashes), timeout=LOOKUP_TIMEOUT_S)
+        except Exception as e:
+            self._lost(e)
             self.counters["lookup_errors"] += 1
             return []
 
@@ -287,7 +301,7 @@ class TierClient:
 
     def _load(self, ld: TierLoad) -> None:
         def fetch(hashes):
-            got = ray.get(self.store.get.remote(hashes), timeout=CONTROL_TIMEOUT_S)
+            got = ray.get(self._store().get.remote(hashes), timeout=CONTROL_TIMEOUT_S)
             refs = [g[1] for g in got if g is not None and isinstance(g[1], ray.ObjectRef)]
             mapped = iter(ray.get(refs, timeout=CONTROL_TIMEOUT_S)) if refs else iter(())
             return [g if g is None or not isinstance(g[1], ray.ObjectRef) else (g[0], next(mapped))
@@ -297,6 +311,7 @@ class TierClient:
             run_load(ld, fetch, self.write_kv, self.shape, self.dtype, LOAD_BATCH, self.costs)
             self.counters["blocks_up"] += sum(ld.tiers.values())
         except Exception as e:
+            self._lost(e)
             self.counters["load_errors"] += 1
             log.warning("tier load failed: %r", e)
         finally:
