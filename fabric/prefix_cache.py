@@ -129,9 +129,10 @@ class PrefixCache:
         self.sessions[session] = (expires_at, mine)
 
     def release_session(self, session: str) -> None:
-        """`session`'s protected blocks become evictable (most recently used end)."""
+        """`session`'s protected blocks become evictable (most recently used end, tail first:
+        a prefix's head, which later blocks need, is evicted last)."""
         _, blocks = self.sessions.pop(session, (0.0, []))
-        for b in blocks:
+        for b in reversed(blocks):
             if self.protected.get(b) == session:
                 del self.protected[b]
                 self.evictable[b] = None

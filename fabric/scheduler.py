@@ -6,7 +6,9 @@ it is recomputed from its tokens later (never lost, never an out-of-memory crash
 
 Prefix caching: a request admitted with no KV starts from the longest cached prefix of its
 tokens (and, when its home leased one, from blocks of another instance's cache), so chunked
-prefill starts at the first uncached token. Requests that share a prefix are scheduled for
+prefill starts at the first uncached token. Blocks after it that a lower tier holds come up
+at admission (fabric/tiers.py): the prefill waits for them (load) or computes from the head
+until it meets the loader coming from the tail (compute-or-load). Requests that share a prefix are scheduled for
 sharing: while a running request computes prompt blocks a waiting one would need next, the
 waiting one is held back (others go first), then reuses them instead of computing them again.
 """
@@ -186,8 +188,6 @@ class Scheduler:
                 k += len(use)
             elif self.unlease_fn is not None:
                 self.unlease_fn(holder, blocks)
-        if seq.tier_load is not None and k < seq.tier_load.first:
-            self._drop_load(seq)                   # the pool lost blocks before it: compute
         seq.num_computed = k * self.rm.block_size
         seq.num_registered = k
 
