@@ -78,14 +78,20 @@ def _init_ray(address: str | None, cfg: FabricConfig | None) -> bool:
 
 
 def _resolve_cpus(cfg: FabricConfig, embedded: bool) -> FabricConfig:
-    """`instances.num_cpus` as a number (None: shared out of a node's CPUs, as `_init_ray`
-    sized an embedded cluster from this machine's cores, or the cluster's nodes' Ray CPUs)."""
+    """`instances.num_cpus` as a number (None: shared out of a node's CPUs: for an embedded
+    cluster this machine's cores, as `_init_ray` sized it; else each node's Ray CPUs, this
+    node's at most its cores: `ray.init(num_cpus=...)` may declare more, and a fabric taking
+    them all would leave no room beside it)."""
     import dataclasses
 
     import ray
 
-    nodes = [os.cpu_count() or 1] if embedded else \
-        [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
+    cores = os.cpu_count() or 1
+    here = None if ray.util.client.ray.is_connected() else \
+        ray.get_runtime_context().get_node_id()
+    nodes = [cores] if embedded else [
+        min(n["Resources"].get("CPU", 0.0), cores) if n["NodeID"] == here
+        else n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
     inst = dataclasses.replace(cfg.instances,
                                num_cpus=cfg.instances.cpus(nodes, cfg.instances.count))
     return dataclasses.replace(cfg, instances=inst)
