@@ -15,7 +15,12 @@ bench/results/elastic.json. Ratios are measured side by side in one run.
   weight page has been touched once: safetensors maps files lazily, so a cold replica reads
   most of the checkpoint only then. `scaleup_speedup_ready_only` stops both clocks when the
   replica says ready (before that first read); `scaleup_speedup_end_to_end` also counts
-  starting the actor process.
+  starting the actor process (a cold one's against the scale-up's, which adopts a warm standby).
+- standby_bring_up_s: `bring_up_s` of the 1 -> 2 scale-up (from the call until the new replica
+  is ready), which adopts the node's warm standby (the run waits for it to be ready first);
+  `bring_up_s`: the same scale-up under the same load on a second fabric without standbys
+  (`instances.standbys: 0`, on the same Ray node, the first one idle), whose new replica is a
+  new process that imports torch first.
 - throughput_during_scaling_ratio: tokens/s from the start to the end of `fab.scale(2)` over
   tokens/s with one replica just before.
 - peak_memory_ratio: peak proportional set size (PSS: shared pages split between the
@@ -197,8 +202,12 @@ def main() -> None:
         fab = fabric.start(cfg)
         try:
             result = run(fab, tmp, ckpt_bytes, steady_s, clients_n, max_new)
+            cold = cold_scale_up(cfg, steady_s, clients_n, max_new)   # on the same Ray node
         finally:
             fab.shutdown()
+        result |= {"bring_up_s": cold["bring_up_s"],
+                   "standby_speedup": cold["bring_up_s"] / result["standby_bring_up_s"],
+                   "cold_scale_up": cold}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["quick"] = q
@@ -208,9 +217,31 @@ def main() -> None:
     write_json("elastic", result)
 
 
-GOALS = {"scaleup_speedup": ">= 9", "throughput_during_scaling_ratio": ">= 0.9",
+GOALS = {"scaleup_speedup": ">= 9", "standby_bring_up_s": "< 1", "throughput_during_scaling_ratio": ">= 0.9",
          "dropped_requests": "0", "peak_memory_ratio": "<= 1.1",
          "expert_bytes_moved_ratio": "< 1", "checkpoint_gb": ">= 1"}
+
+
+def cold_scale_up(cfg: dict, steady_s: float, clients_n: int, max_new: int) -> dict:
+    """The 1 -> 2 scale-up event of a second fabric, without standbys, under the same load."""
+    fab = fabric.start(cfg | {"instances": cfg["instances"] | {"standbys": 0}})
+    try:
+        clients = Clients(fab, clients_n, max_new, 8192)
+        clients.start()
+        time.sleep(steady_s / 2)
+        up = fab.scale(2)
+        clients.finish()
+        return up
+    finally:
+        fab.shutdown()
+
+
+def wait_for_standby(fab, timeout_s: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not any(s["state"] == "ready" for s in fab.stats()["elastic"]["standbys"]):
+        if time.monotonic() > deadline:
+            raise RuntimeError("no warm standby became ready")
+        time.sleep(0.2)
 
 
 def run(fab, path: str, ckpt_bytes: int, steady_s: float, clients_n: int, max_new: int) -> dict:
@@ -223,6 +254,7 @@ def run(fab, path: str, ckpt_bytes: int, steady_s: float, clients_n: int, max_ne
     time.sleep(steady_s / 4)                           # warm-up
     cold_e2e, cold = cold_replica(fab, path)           # under the same load as the scale-up
     time.sleep(steady_s / 4)
+    wait_for_standby(fab)
     t_before = time.perf_counter()
     time.sleep(steady_s)
     t_up = time.perf_counter()
@@ -256,6 +288,7 @@ def run(fab, path: str, ckpt_bytes: int, steady_s: float, clients_n: int, max_ne
         "cold_first_read_s": cold["touch_s"], "zero_copy_first_read_s": zero_touch_s,
         "scaleup_speedup_end_to_end": (cold_e2e + cold["touch_s"]) / (up["bring_up_s"] + zero_touch_s),
         "cold_actor_ready_s": cold_e2e, "zero_copy_actor_ready_s": up["bring_up_s"],
+        "standby_bring_up_s": up["bring_up_s"], "standby_used": up["warm_replicas"] == 1,
         "scale_1_to_2_s": up["seconds"], "data_plane_pause_s": up["pause_s"],
         "throughput_before_tok_s": before, "throughput_during_tok_s": during,
         "throughput_after_tok_s": after,
