@@ -45,6 +45,7 @@ from actors.handoff import HandoffMixin
 from actors.metrics import InstanceMetrics
 from actors.tierstore import TierClient, get_store
 from actors.transport import TransportHost
+from actors.waiters import Waiter, text_of
 
 BORROW_CHUNK = 8      # blocks borrowed at least per borrow event: keeps control calls off the token path
 MEMORY_WAIT_S = 2.0    # a request short of blocks waits this long for a borrow before preemption
@@ -92,7 +93,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.step_lock = threading.Lock()  # a step in flight: taken before `lock` by calls that pull its blocks
         self.partial_steps = CreditorSteps()   # debtors' steps checked here (serve_transport)
         self.inbox: queue.Queue = queue.Queue()
-        self.waiters: dict[str, _Waiter] = {}
+        self.waiters: dict[str, Waiter] = {}
         self.cancelled: set[str] = set()
         self.dead_peers: set[int] = set()
         self.paused = threading.Event()
@@ -141,6 +142,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                                     self.engine.kv.write_blocks, self.engine.scheduler.load_returns)
             self.engine.set_tier_sink(self.tiers.offer)
             self.engine.scheduler.start_load = self.tiers.start_load
+            self.engine.scheduler.min_load_blocks = max(1, self.cfg.tiers.min_load_blocks)
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
 
     def take_rank(self, instance_id: int) -> None:
@@ -330,17 +332,17 @@ class InstanceActor(HandoffMixin, TransportHost):
             return False
         w.done(id=req_id, tokens=list(seq.output) if seq else [], finish_reason="abort",
                metrics=seq.metrics() if seq else {}, home=self.id,
-               **(_text_of(seq) if seq else {}))
+               **(text_of(seq) if seq else {}))
         return True
 
-    def _enqueue(self, r: dict, stream: bool) -> "_Waiter":
-        w = _Waiter(stream)
+    def _enqueue(self, r: dict, stream: bool) -> Waiter:
+        w = Waiter(stream)
         with self.inbox_lock:
             if not self.draining:
                 return self._enqueue_here(r, w)
         return self._forward_fresh(r, w)       # routed here just before this replica left
 
-    def _enqueue_here(self, r: dict, w: "_Waiter") -> "_Waiter":
+    def _enqueue_here(self, r: dict, w: Waiter) -> Waiter:
         try:
             if self.unhealthy is not None:
                 raise FabricError(f"instance {self.id} is unhealthy ({self.unhealthy}): it "
@@ -593,7 +595,7 @@ class InstanceActor(HandoffMixin, TransportHost):
             return
         m = seq.metrics()
         w.done(id=seq.req_id, tokens=list(seq.output), finish_reason=seq.finish_reason,
-               metrics=m, home=self.id, **_text_of(seq))
+               metrics=m, home=self.id, **text_of(seq))
         self.metrics.observe_request(m["ttft_s"], m["tpot_s"])
         self.recent_ttft = [*self.recent_ttft[-255:], (time.monotonic(), m["ttft_s"])]
 
@@ -849,22 +851,22 @@ class InstanceActor(HandoffMixin, TransportHost):
     @ray.method(concurrency_group=CONTROL_GROUP)
     # ---- KV tiers ----------------------------------------------------------------------------
     def _plan_tier_load(self, req_id: str, prompt: list[int]) -> None:
-        """Prompt blocks past the pool's cached prefix that the node's tiers hold: plan to
+        """Prompt blocks that the node's tiers hold past the pool's cached prefix: plan to
         bring them up, or to compute them, as `tiers.prefill` and the measured speeds choose
-        (fabric/tiers.py). The scheduler starts the load at admission, when it has room."""
+        (fabric/tiers.py). The scheduler starts the load at admission, with room. The plan
+        covers the pool's cached blocks too: by admission the pool may have evicted them
+        (down to the tiers); the loader stops at the first block it does not find."""
         eng, cfg, bs = self.engine, self.cfg.tiers, self.engine.rm.block_size
         hashes = prompt_hashes(prompt, bs, eng.scheduler.salt)
         with self.lock:
             k = len(eng.rm.cache.lookup(hashes))
         want = max(1, cfg.min_load_blocks)
-        if len(hashes) - k < want:
+        below = self.tiers.lookup(hashes[k:]) if len(hashes) - k >= want else []
+        if len(below) < want and k < want:
             return
-        below = self.tiers.lookup(hashes[k:])
-        if len(below) < want:
-            return
-        mode = self.tiers.costs.choose(cfg.prefill, below, bs,
+        mode = self.tiers.costs.choose(cfg.prefill, below or ["host"] * k, bs,
                                        eng.reuse_costs.est["prefill_s_per_token"])
-        self.waiting_loads[req_id] = (k, hashes[k: k + len(below)], mode)
+        self.waiting_loads[req_id] = (0, hashes[: k + len(below)], mode)
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def tier_stats(self) -> dict:
@@ -970,26 +972,6 @@ class InstanceActor(HandoffMixin, TransportHost):
             self.tiers.stop()
         if self.transport is not None:
             self.transport.close()
-
-
-def _text_of(seq) -> dict:
-    """The output text of a finished request, when the instance detokenizes."""
-    return {"text": seq.detok.text} if seq.detok is not None else {}
-
-
-class _Waiter:
-    """Where a request's caller waits: an event and the result, plus a token queue if streamed."""
-    __slots__ = ("event", "slot", "tokens")
-
-    def __init__(self, stream: bool):
-        self.event, self.slot = threading.Event(), {}
-        self.tokens: queue.Queue | None = queue.Queue() if stream else None
-
-    def done(self, **result) -> None:
-        self.slot.update(result)
-        self.event.set()
-        if self.tokens is not None:
-            self.tokens.put(None)
 
 
 class TransportPartials:

@@ -7,9 +7,10 @@ Prints a table and writes bench/results/tiers.json. Ratios are measured side by 
 run; absolute times on CPU say little.
 
 Workload: `sessions` chat sessions, each a thread that sends `turns` turns one after another
-with a think time between them (seeded, `think_s` mean); turn k's prompt is the whole
-conversation so far plus a new user message (`bench/workloads.py` ids). The sessions start
-staggered, so while one thinks the others run and push its KV out of the small pool. Every
+with a think time between them (seeded, exponential, `think_s` mean); turn k's prompt is the
+whole conversation so far plus a new user message (`bench/workloads.py` ids). The sessions
+start staggered, a few are active at a time (the pool holds their working set), and while one
+thinks the others run and push its KV out of the pool (all sessions' KV is several times it). Every
 turn is streamed; its TTFT is the driver's, from sending to the first token (it includes any
 lookup or load of the tiers).
 
@@ -48,9 +49,9 @@ BLOCK_BYTES = 2 * 30 * BLOCK_SIZE * 3 * 64 * 4      # SmolLM2: 30 layers, 3 KV h
 ARMS = ("recompute", "load", "compute_or_load", "auto", "compute_or_load_ttl")
 SIZES = {
     "quick": dict(sessions=8, turns=3, first_tokens=256, turn_tokens=48, gen_tokens=16,
-                  think_s=1.0, kv_blocks=48, ttl_s=30.0),
+                  think_s=8.0, kv_blocks=64, ttl_s=30.0),
     "full": dict(sessions=16, turns=4, first_tokens=512, turn_tokens=64, gen_tokens=32,
-                 think_s=2.0, kv_blocks=96, ttl_s=60.0),
+                 think_s=12.0, kv_blocks=128, ttl_s=60.0),
 }
 
 
@@ -75,7 +76,7 @@ def warm_up(fab) -> None:
 
 def session(fab, sid: int, messages: list[list[int]], size: dict, ttl: bool, out: list) -> None:
     rng = random.Random(1000 + sid)
-    time.sleep(sid * size["think_s"] / 2)                      # staggered starts
+    time.sleep(sid * size["think_s"] / 4)                      # staggered starts
     history: list[int] = []
     extra = {"session_id": f"s{sid}", "ttl_s": size["ttl_s"]} if ttl else {}
     for turn, msg in enumerate(messages):

@@ -49,6 +49,7 @@ class Scheduler:
         self.load_returns: queue.SimpleQueue = queue.SimpleQueue()
         self.tiers = {"loaded_tokens": 0, "computed_tokens": 0, "loads": 0, "no_room": 0}
         self.start_load = None                # (TierLoad): the host's loader brings blocks up
+        self.min_load_blocks = 1              # fewer blocks to bring up: computed
 
     @property
     def num_unfinished(self) -> int:
@@ -241,8 +242,8 @@ class Scheduler:
         first, hashes, mode = plan
         bs = self.rm.block_size
         k, end = seq.num_computed // bs, first + len(hashes)
-        if not first <= k < end:                   # the pool lost blocks before them, or has all
-            return
+        if not first <= k < end or end - k < self.min_load_blocks:
+            return                                 # the pool holds (nearly) all of them
         after = self.rm.blocks_for(min(budget, len(seq.prompt) - end * bs))
         if end - k + after > self.rm.num_free:
             self.tiers["no_room"] += 1
