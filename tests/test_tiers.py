@@ -400,3 +400,18 @@ def test_tier_index_and_routing_credit():
     assert r.home == 1                       # without the tier index: the pool hit wins
     tiers.remove_node("nodeA")
     assert tiers.run("nodeA", hashes, 0) == 0
+
+
+def test_prometheus_tier_samples():
+    from fabric.serving_metrics import ServingMetrics, tier_samples
+
+    stats = {"tiers": {"host": {"blocks": 3, "bytes": 300, "hits": 2, "bytes_up": 200,
+                                "bytes_down": 300},
+                       "disk": None, "loaded_tokens": 32, "computed_tokens": 16},
+             "prefix_cache": {"session_evictions_under_pressure": 4}}
+    s = tier_samples(stats)
+    assert s["kv_tier_blocks"] == [({"tier": "host"}, 3)]          # no disk tier: no sample
+    assert s["kv_tier_loaded_tokens_total"] == [({}, 32)] and s["session_evictions_total"] == [({}, 4)]
+    page = ServingMetrics("m").render(stats)
+    assert 'kvfabric:kv_tier_hits_total{model_name="m",tier="host"} 2' in page
+    assert "# TYPE kvfabric:kv_tier_bytes_down_total counter" in page
