@@ -231,7 +231,8 @@ class TierClient:
         self.returns = returns               # blocks a finished load gives back (scheduler)
         self.costs = TierCosts()
         self.queue: queue.Queue = queue.Queue()
-        self.queued = 0
+        self.queued = 0                      # blocks in `queue` (under `_queued_lock`)
+        self._queued_lock = threading.Lock()
         self.counters = {"blocks_down": 0, "dropped": 0, "write_errors": 0, "loads": 0,
                          "blocks_up": 0, "load_errors": 0, "lookup_errors": 0}
         self.stopped = False
@@ -242,14 +243,18 @@ class TierClient:
         """Evicted blocks (`k`, `v`: `[L, n, block_size, H_kv, D]` copies): send them down.
         Called on the engine thread: only queues."""
         self.queue.put((hashes, k, v))
-        self.queued += len(hashes)
+        self._count(len(hashes))
         while self.queued > WRITE_QUEUE_BLOCKS:         # the tiers cannot keep up: drop oldest
             try:
                 old = self.queue.get_nowait()
             except queue.Empty:
                 break
-            self.queued -= len(old[0])
+            self._count(-len(old[0]))
             self.counters["dropped"] += len(old[0])
+
+    def _count(self, n: int) -> None:
+        with self._queued_lock:
+            self.queued += n
 
     def _writer(self) -> None:
         while not self.stopped:
@@ -260,7 +265,7 @@ class TierClient:
             hashes, payloads = [], []
             while item is not None:
                 h, k, v = item
-                self.queued -= len(h)
+                self._count(-len(h))
                 hashes += h
                 payloads += [pack(k[:, j], v[:, j]) for j in range(len(h))]
                 item = None
