@@ -10,7 +10,9 @@ instance keeps the caller's request open and forwards what the new home produces
 request is answered exactly once, by the call that submitted it.
 
 Blocks a leaving instance lent to others are moved back to their debtors (`relocate_from`).
-Mixed into `InstanceActor`; uses its engine, lock, waiters and peers.
+Mixed into `InstanceActor`; uses its engine, lock, waiters and peers. The engine does the books
+(`Engine.export`, `adopt`, `handed_off`, `plan_relocation`, `relocate`); this side moves the
+data over the network and calls it under the instance's locks.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import time
 import ray
 import torch
 
+from actors.waiters import Waiter
+from fabric.engine import fresh_state
 from fabric.errors import FabricError
 from fabric.messages import CONTROL_TIMEOUT_S
-from fabric.rmanager import BlockRef
-from fabric.sequence import SamplingParams, Sequence
+from fabric.sequence import SamplingParams
 
 STAGED_KV_TTL_S = 300.0   # KV staged for an adopt that never comes is dropped after this
 
@@ -52,17 +55,16 @@ class HandoffMixin:
         report["fresh"] += self._hand_on_inbox()
         with self.step_lock:        # no abort meanwhile; the books lock only to read the books
             with self.lock:
-                sched = self.engine.scheduler
-                seqs = [*sched.running, *sched.waiting]
-            exports = [(seq, *self._export(seq)) for seq in seqs]
-        for seq, state, k, v in exports:
-            if seq.req_id not in self.engine.seqs:      # aborted meanwhile
+                states = self.engine.export()
+            exports = [(state, *self.engine.read_kv(state["blocks"], self._read_lent_from))
+                       for state in states]
+        for state, k, v in exports:
+            if state["id"] not in self.engine.seqs:      # aborted meanwhile
                 continue
-            w = self.waiters.get(seq.req_id)
+            w = self.waiters.get(state["id"])
             info = self._handoff(state, k, v, w)
             with self.lock:
-                self.engine.seqs.pop(seq.req_id, None)
-                self.engine.scheduler.remove(seq)
+                self.engine.handed_off(state["id"])
             report["moved" if info["moved_blocks"] else "recomputed" if info["recomputed"]
                    else "fresh"] += 1
             report["kv_blocks_moved"] += info["moved_blocks"]
@@ -97,7 +99,7 @@ class HandoffMixin:
             if w is None or req_id in self.cancelled:
                 continue
             try:
-                self._handoff(_fresh_state(req_id, prompt, params), None, None, w)
+                self._handoff(fresh_state(req_id, prompt, params), None, None, w)
             except Exception:
                 self.inbox.put(item)
                 raise
@@ -127,30 +129,6 @@ class HandoffMixin:
         """Requests whose caller still waits here (handed on or being handed on)."""
         return len(self.waiters)
 
-    def _export(self, seq: Sequence):
-        """A request's state and the KV of its computed tokens ([L, n, bs, H_kv, D] each, in
-        table order), read from this instance's blocks and from its creditors'."""
-        rm, kv = self.engine.rm, self.engine.kv
-        with self.lock:
-            state = _state_of(seq)
-            nb = rm.blocks_for(seq.num_computed)
-            refs = rm.tables[seq.req_id][:nb] if nb else []
-        if nb == 0:
-            return state, None, None
-        k = torch.empty((kv.k.shape[0], nb, *kv.k.shape[2:]), dtype=kv.k.dtype)
-        v = torch.empty_like(k)
-        by_owner: dict[int, list[int]] = {}
-        for pos, ref in enumerate(refs):
-            by_owner.setdefault(ref.instance, []).append(pos)
-        for owner, positions in by_owner.items():
-            ids = [refs[p].block for p in positions]
-            if owner == self.id:
-                bk, bv = kv.read_blocks(ids)
-            else:
-                bk, bv = self._read_lent_from(owner, ids)
-            k[:, positions], v[:, positions] = bk.cpu(), bv.cpu()
-        return state, k, v
-
     def _read_lent_from(self, creditor: int, ids: list[int]):
         """Blocks `creditor` holds for this instance, over the data plane (in messages of at
         most `transport.max_message_bytes`)."""
@@ -168,11 +146,7 @@ class HandoffMixin:
         """Data-plane side of a handoff: `kv_read` returns blocks lent to `src`; `kv_stage`
         keeps a request's KV until `src` asks this instance to `adopt` the request."""
         if meta["op"] == "kv_read":
-            ids = tensors[0].tolist()
-            if not self.engine.rm.holds_for(src, ids, read_only=True):
-                raise ValueError(f"instance {src} asked for blocks it did not borrow here")
-            k, v = self.engine.kv.read_blocks(ids)
-            return {}, [k, v]
+            return {}, list(self.engine.read_for(src, tensors[0].tolist()))
         k, v = tensors                          # blocks [first, first + n) of the request's KV
         staged = self.__dict__.setdefault("staged_kv", {})
         now = time.monotonic()
@@ -272,7 +246,7 @@ class HandoffMixin:
         try:
             params = SamplingParams.from_request(r)
             self.waiters[r["id"]] = w
-            self._handoff(_fresh_state(r["id"], r["prompt"], params), None, None, w)
+            self._handoff(fresh_state(r["id"], r["prompt"], params), None, None, w)
         except Exception as e:
             self.waiters.pop(r["id"], None)
             w.done(id=r["id"], error=f"could not hand request {r['id']} on: {e!r}",
@@ -283,9 +257,7 @@ class HandoffMixin:
     def adopt(self, state: dict, k, v):
         """Take over a request (a streaming generator): first {"moved_blocks", "recomputed"},
         then each new token id, then the final result dict."""
-        from actors.instance import _Waiter
-
-        w = _Waiter(stream=True)
+        w = Waiter(stream=True)
         try:
             info = self._adopt(state, k, v, w)
         except FabricError as e:
@@ -302,28 +274,12 @@ class HandoffMixin:
             k, v = _assemble(self.__dict__.get("staged_kv", {}).pop(state["id"], None))
         if self.draining or self.stopped:
             raise FabricError(f"instance {self.id} is leaving: it adopts no request")
-        seq = _sequence_of(state)
-        self.engine.attach_detokenizer(seq, state.get("detok"))
         with self.lock:
-            if seq.num_computed == 0:
-                self.engine.validate(seq.prompt, seq.params)   # new here: checked as on admission
-            if seq.req_id in self.waiters or seq.req_id in self.engine.seqs:
-                raise FabricError(f"request {seq.req_id!r} is already running here")
-            rm, sched = self.engine.rm, self.engine.scheduler
-            nb = rm.blocks_for(seq.num_computed)
-            moved = 0 < nb <= rm.num_free and k is not None
-            if moved:
-                rm.allocate(seq.req_id, seq.num_computed, may_borrow=False)   # local blocks only
-                self.engine.kv.write_blocks([r.block for r in rm.tables[seq.req_id]], k, v)
-                sched.running.append(seq)
-            else:
-                recomputed = seq.num_computed > 0
-                seq.num_computed = 0
-                seq.num_preemptions += int(recomputed)
-                sched.waiting.appendleft(seq)
-            self.engine.seqs[seq.req_id] = seq
-            self.waiters[seq.req_id] = w
-        return {"moved_blocks": nb if moved else 0, "recomputed": not moved and nb > 0}
+            if state["id"] in self.waiters:
+                raise FabricError(f"request {state['id']!r} is already running here")
+            info = self.engine.adopt(state, k, v)
+            self.waiters[state["id"]] = w
+        return info
 
     # ---- creditors and debtors -------------------------------------------------------------
     def relocate_from(self, creditor: int) -> dict:
@@ -339,29 +295,22 @@ class HandoffMixin:
             # read from the creditor, so each move is checked again before it is applied.
             with self.step_lock:
                 with self.lock:
-                    moves = self._plan_relocation(creditor)
-                    preempted = sum(1 for m in moves if m is None)
-                for seq, pos, old in filter(None, moves):
+                    moves, preempted = self.engine.plan_relocation(creditor)
+                    for req_id, lease in list(self.waiting_leases.items()):
+                        if lease[0] == creditor:     # not admitted yet: recomputed instead
+                            self._drop_lease(self.waiting_leases.pop(req_id))
+                for move in moves:              # (seq, table positions, block ids there)
+                    old = move[2]
                     k, v = self._read_lent_from(creditor, old)
                     with self.lock:
-                        rm, sched = self.engine.rm, self.engine.scheduler
-                        table = rm.tables.get(seq.req_id)
-                        if table is None or [table[i] for i in pos] != \
-                                [BlockRef(creditor, b) for b in old]:
-                            continue                  # it ended or was recomputed meanwhile
-                        if len(pos) > rm.num_free:    # the room was taken meanwhile
-                            sched.preempt(seq)
+                        done = self.engine.relocate(creditor, move, k, v)
+                        if done == "moved":
+                            self._release(creditor, old)
+                            moved += len(old)
+                        elif done == "preempted":
                             preempted += 1
-                            continue
-                        new = rm.take_local(len(pos))
-                        self.engine.kv.write_blocks(new, k, v)
-                        for i, b in zip(pos, new):
-                            table[i] = BlockRef(self.id, b)
-                        rm.num_remote_in_tables[creditor] -= len(pos)
-                        self._release(creditor, old)
-                        moved += len(pos)
                 with self.lock:
-                    spare = self.engine.rm.spare.pop(creditor, [])
+                    spare = self.engine.rm.drop_spares(creditor)
                     if spare:
                         self._release(creditor, spare)
                     returned = len(spare)
@@ -370,33 +319,6 @@ class HandoffMixin:
                 self.resume()
         self._beat_now()
         return {"moved": moved, "returned": returned, "preempted": preempted}
-
-    def _plan_relocation(self, creditor: int) -> list:
-        """Under the books lock: drop leases of `creditor`'s cache not used yet, recompute the
-        requests that cannot move (no room, or they read its cache), and list the others'
-        moves as (seq, table positions, block ids there); None for each request preempted."""
-        rm, sched = self.engine.rm, self.engine.scheduler
-        for seq in sched.waiting:         # leases not used yet: recompute instead
-            if seq.lease is not None and seq.lease[0] == creditor:
-                sched.drop_lease(seq)
-        for req_id, lease in list(self.waiting_leases.items()):
-            if lease[0] == creditor:
-                self._drop_lease(self.waiting_leases.pop(req_id))
-        moves, room = [], rm.num_free
-        for seq in list(sched.running):
-            table = rm.tables.get(seq.req_id, [])
-            pos = [i for i, r in enumerate(table) if r.instance == creditor]
-            if not pos:
-                continue
-            a, b = rm.lease_span.get(seq.req_id, (0, 0))
-            if len(pos) > room or any(a <= i < b for i in pos):
-                # no room, or it reads the leaving instance's cache: recomputed
-                sched.preempt(seq)
-                moves.append(None)
-                continue
-            room -= len(pos)
-            moves.append((seq, pos, [table[i].block for i in pos]))
-        return moves
 
     # ---- reports for the elastic manager -------------------------------------------------
     @ray.method(concurrency_group="control")
@@ -454,33 +376,3 @@ def _assemble(entry: dict | None):
     if k.shape[1] != entry["total"]:
         return None, None
     return k, v
-
-
-def _state_of(seq: Sequence) -> dict:
-    now = time.perf_counter()
-    gen = seq.generator
-    return {"id": seq.req_id, "prompt": list(seq.prompt), "output": list(seq.output),
-            **seq.params.to_request(), "detok": seq.detok.state() if seq.detok else None,
-            "num_computed": seq.num_computed, "num_preemptions": seq.num_preemptions,
-            "age_s": now - seq.arrival,
-            "first_token_age_s": None if seq.first_token_at is None else now - seq.first_token_at,
-            "generator": None if gen is None else bytes(gen.get_state().numpy())}
-
-
-def _fresh_state(req_id: str, prompt: list[int], params: SamplingParams) -> dict:
-    return {"id": req_id, "prompt": list(prompt), "output": [], **params.to_request(),
-            "detok": None, "num_computed": 0, "num_preemptions": 0, "age_s": 0.0, "first_token_age_s": None, "generator": None}
-
-
-def _sequence_of(state: dict) -> Sequence:
-    now = time.perf_counter()
-    params = SamplingParams.from_request(state)
-    seq = Sequence(state["id"], list(state["prompt"]), params, output=list(state["output"]),
-                   num_computed=state["num_computed"], num_preemptions=state["num_preemptions"])
-    seq.arrival = now - state["age_s"]
-    if state["first_token_age_s"] is not None:
-        seq.first_token_at = now - state["first_token_age_s"]
-    if state["generator"] is not None:
-        seq.generator = torch.Generator()
-        seq.generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
-    return seq

@@ -9,15 +9,16 @@ from __future__ import annotations
 import itertools
 import time
 
+import torch
 
 from fabric.context import SeqChunk, build_context
 from fabric.detokenize import Detokenizer
 from fabric.distattn import DistAttention, RemotePartials
-from fabric.errors import CapacityError, RequestError
+from fabric.errors import CapacityError, FabricError, RequestError
 from fabric.kv_cache import KVCache
 from fabric.model import Transformer
 from fabric.prefix_cache import HASH_BYTES, ReuseCosts
-from fabric.rmanager import RManager
+from fabric.rmanager import BlockRef, RManager
 from fabric.sampling import sample
 from fabric.scheduler import Scheduler
 from fabric.sequence import SamplingParams, Sequence
@@ -124,6 +125,123 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    # ---- hand-off (elastic scale-down; actors/handoff.py moves the data) -------------------
+    def export(self, req_ids: list[str] | None = None) -> list[dict]:
+        """What a hand-off carries of each request (`req_ids`; default all, running first):
+        tokens, sampling and detokenizer state, timings, how many tokens have KV, and where
+        the KV of their blocks is (`blocks`, in table order: read by `read_kv`). A lease, a
+        tier plan and a tier load in flight are this instance's and stay here (`handed_off`
+        lets them go); the target computes what they would have brought. Under the books lock."""
+        seqs = [*self.scheduler.running, *self.scheduler.waiting] if req_ids is None else \
+            [self.seqs[r] for r in req_ids]
+        states = []
+        for seq in seqs:
+            nb = self.rm.blocks_for(seq.num_computed)
+            blocks = self.rm.tables[seq.req_id][:nb] if nb else []
+            states.append(_state_of(seq) | {"blocks": blocks})
+        return states
+
+    def read_kv(self, blocks: list[BlockRef], read_remote) -> tuple:
+        """The KV of `blocks` (`[L, n, block_size, H_kv, D]` each, in their order, on the CPU):
+        this pool's read here, the others' by `read_remote(instance, ids) -> (k, v)` (over the
+        data plane); (None, None) for no blocks. Without the books lock, while no step runs:
+        the blocks stay their requests'."""
+        if not blocks:
+            return None, None
+        kv = self.kv
+        k = torch.empty((kv.k.shape[0], len(blocks), *kv.k.shape[2:]), dtype=kv.k.dtype)
+        v = torch.empty_like(k)
+        by_owner: dict[int, list[int]] = {}
+        for pos, ref in enumerate(blocks):
+            by_owner.setdefault(ref.instance, []).append(pos)
+        for owner, positions in by_owner.items():
+            ids = [blocks[p].block for p in positions]
+            bk, bv = kv.read_blocks(ids) if owner == self.instance_id else read_remote(owner, ids)
+            k[:, positions], v[:, positions] = bk.cpu(), bv.cpu()
+        return k, v
+
+    def read_for(self, reader: int, ids: list[int]) -> tuple:
+        """The KV of blocks held here for `reader` (lent, or pinned as a cached prefix), which
+        it moves in a hand-off or copies; `ValueError` for any other block."""
+        if not self.rm.holds_for(reader, ids, read_only=True):
+            raise ValueError(f"instance {reader} asked for blocks it did not borrow here")
+        return self.kv.read_blocks(ids)
+
+    def adopt(self, state: dict, k=None, v=None) -> dict:
+        """Take over a request another instance handed off (`state`: its `export`, or
+        `fresh_state`; `k`, `v`: the KV of its computed tokens, or None). The KV goes into free
+        local blocks and the request runs on from where it was; without room (or KV) it is
+        recomputed from its tokens. Returns {"moved_blocks", "recomputed"}. Under the books lock."""
+        seq = _sequence_of(state)
+        if seq.num_computed == 0:
+            self.validate(seq.prompt, seq.params)      # new here: checked as on admission
+        if seq.req_id in self.seqs:
+            raise FabricError(f"request {seq.req_id!r} is already running here")
+        self.attach_detokenizer(seq, state.get("detok"))
+        rm, sched = self.rm, self.scheduler
+        nb = rm.blocks_for(seq.num_computed)
+        moved = k is not None and 0 < nb <= rm.num_free
+        if moved:
+            rm.allocate(seq.req_id, seq.num_computed, may_borrow=False)   # local blocks only
+            self.kv.write_blocks([r.block for r in rm.tables[seq.req_id]], k, v)
+            sched.running.append(seq)
+            sched.computed(seq)                # its full blocks are cached here from now on
+        else:
+            recomputed = seq.num_computed > 0
+            seq.num_computed = 0
+            seq.num_preemptions += int(recomputed)
+            sched.waiting.appendleft(seq)
+        self.seqs[seq.req_id] = seq
+        return {"moved_blocks": nb if moved else 0, "recomputed": not moved and nb > 0}
+
+    def handed_off(self, req_id: str) -> None:
+        """`req_id` runs on another instance now: forget it here (`Scheduler.remove` frees its
+        blocks, unpins its lease and cancels its tier load in flight)."""
+        seq = self.seqs.pop(req_id, None)
+        if seq is not None:
+            self.scheduler.remove(seq)
+
+    def plan_relocation(self, creditor: int) -> tuple[list, int]:
+        """`creditor` is leaving. Leases of its cache that waiting requests have not used yet
+        are dropped, and running requests that cannot move are preempted (recomputed later):
+        no room here, or they read its cache. Returns the others' moves, as (seq, table
+        positions, block ids there), and how many were preempted. Under the books lock; the
+        caller reads each move's KV from `creditor` without it, then `relocate`s."""
+        rm, sched = self.rm, self.scheduler
+        for seq in sched.waiting:
+            if seq.lease is not None and seq.lease[0] == creditor:
+                sched.drop_lease(seq)
+        moves, preempted, room = [], 0, rm.num_free
+        for seq in list(sched.running):
+            table = rm.tables.get(seq.req_id, [])
+            pos = [i for i, r in enumerate(table) if r.instance == creditor]
+            if not pos:
+                continue
+            a, b = rm.lease_span.get(seq.req_id, (0, 0))
+            if len(pos) > room or any(a <= i < b for i in pos):
+                sched.preempt(seq)
+                preempted += 1
+                continue
+            room -= len(pos)
+            moves.append((seq, pos, [table[i].block for i in pos]))
+        return moves, preempted
+
+    def relocate(self, creditor: int, move: tuple, k, v) -> str:
+        """Apply a move of `plan_relocation` with its KV, read from `creditor` since then
+        without the books lock, so checked again: "moved" (the caller gives the old blocks
+        back), "gone" (the request ended or was recomputed meanwhile) or "preempted" (the room
+        was taken meanwhile: recomputed later). Under the books lock."""
+        seq, positions, old = move
+        table = self.rm.tables.get(seq.req_id, [])
+        if [table[i] for i in positions if i < len(table)] != [BlockRef(creditor, b) for b in old]:
+            return "gone"
+        new = self.rm.move_home(seq.req_id, creditor, positions)
+        if new is None:
+            self.scheduler.preempt(seq)
+            return "preempted"
+        self.kv.write_blocks(new, k, v)
+        return "moved"
+
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
         """One forward pass. Returns (new tokens as (seq, token)), finished sequences)."""
@@ -184,6 +302,44 @@ class Engine:
             for seq in self.step()[1]:
                 done[seq.req_id] = seq
         return [done[i] for i in ids]
+
+
+def fresh_state(req_id: str, prompt: list[int], params: SamplingParams) -> dict:
+    """What a hand-off carries of a request never admitted (the target checks it as on
+    admission)."""
+    return _state_of(Sequence(req_id, list(prompt), params))
+
+
+def _state_of(seq: Sequence) -> dict:
+    """A request as a hand-off carries it (plain values: it crosses Ray); times as ages, since
+    clocks differ between processes."""
+    now = time.perf_counter()
+    gen = seq.generator
+    return {"id": seq.req_id, "prompt": list(seq.prompt), "output": list(seq.output),
+            **seq.params.to_request(), "detok": seq.detok.state() if seq.detok else None,
+            "num_computed": seq.num_computed, "num_preemptions": seq.num_preemptions,
+            "cached_tokens": seq.cached_tokens, "prefix_counted": seq.prefix_counted,
+            "tier": dict(seq.tier), "age_s": now - seq.arrival,
+            "first_token_age_s": None if seq.first_token_at is None else now - seq.first_token_at,
+            "generator": None if gen is None else bytes(gen.get_state().numpy())}
+
+
+def _sequence_of(state: dict) -> Sequence:
+    """The request of a hand-off's `state`, with no blocks yet: its hashes are recomputed here
+    (`Scheduler.computed`), nothing of the leaving instance's cache or tiers comes with it."""
+    now = time.perf_counter()
+    params = SamplingParams.from_request(state)
+    seq = Sequence(state["id"], list(state["prompt"]), params, output=list(state["output"]),
+                   num_computed=state["num_computed"], num_preemptions=state["num_preemptions"])
+    seq.cached_tokens, seq.prefix_counted = state["cached_tokens"], state["prefix_counted"]
+    seq.tier = dict(state["tier"])
+    seq.arrival = now - state["age_s"]
+    if state["first_token_age_s"] is not None:
+        seq.first_token_at = now - state["first_token_age_s"]
+    if state["generator"] is not None:
+        seq.generator = torch.Generator()
+        seq.generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+    return seq
 
 
 def salt_of_args(args) -> bytes:

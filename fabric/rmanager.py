@@ -177,6 +177,22 @@ class RManager:
         if leased and self.unlease_fn is not None:
             self.unlease_fn(leased[0].instance, [r.block for r in leased])
 
+    def move_home(self, req_id: str, creditor: int, positions: list[int]) -> list[int] | None:
+        """`creditor` is leaving: entries `positions` of `req_id`'s table, blocks borrowed
+        there, become local blocks, returned (the caller writes their KV and gives the old ones
+        back). None, with nothing changed, when there is no room."""
+        if len(positions) > self.num_free:
+            return None
+        table = self.tables[req_id]
+        a, b = self.lease_span.get(req_id, (0, 0))
+        assert all(table[i].instance == creditor and not a <= i < b for i in positions), \
+            "only borrowed entries move home (leased ones are read-only)"
+        new = self.take_local(len(positions))
+        for i, blk in zip(positions, new):
+            table[i] = BlockRef(self.instance_id, blk)
+        self.num_remote_in_tables[creditor] -= len(positions)
+        return new
+
     def _unref(self, block: int) -> None:
         self.refs[block] -= 1
         if self.refs[block] == 0 and not self.cache.park(block):
@@ -292,6 +308,11 @@ class RManager:
                 released += len(give)
         self.spare = {c: ids for c, ids in self.spare.items() if ids}
         return released
+
+    def drop_spares(self, creditor: int) -> list[int]:
+        """The spare blocks borrowed from `creditor`, off the books (it is leaving: the caller
+        gives them back)."""
+        return self.spare.pop(creditor, [])
 
     def add_borrowed(self, refs: list[BlockRef]) -> None:
         """Blocks reserved for this instance on creditors become spares for its requests."""
