@@ -36,16 +36,21 @@ class PartialJob:
 
 
 def partial_on_shard(kv: KVCache, layer: int, q: torch.Tensor, k_new: torch.Tensor,
-                     v_new: torch.Tensor, shard: Shard, scale: float, backend: str = "auto"):
-    """Write this shard's new k/v, then attend `q` [T_s, H, D] over its blocks -> (out, lse)."""
+                     v_new: torch.Tensor, shard: Shard, scale: float, backend: str = "auto",
+                     validate: bool = True):
+    """Write this shard's new k/v, then attend `q` [T_s, H, D] over its blocks -> (out, lse).
+    `validate=False`: the shard was checked once for the step (`build_context`), so the kernels
+    skip their per-call checks (and the host syncs they cost)."""
     k_cache, v_cache = kv.layer(layer)
     if shard.write_slots.numel():
-        kernels.write_kv(k_new, v_new, k_cache, v_cache, shard.write_slots, backend=backend)
+        kernels.write_kv(k_new, v_new, k_cache, v_cache, shard.write_slots, backend=backend,
+                         validate=validate)
     if shard.is_decode:
         return kernels.paged_attention_partial(q, k_cache, v_cache, shard.block_tables,
-                                               shard.kv_lens, scale, backend=backend)
+                                               shard.kv_lens, scale, backend=backend,
+                                               validate=validate)
     return kernels.paged_prefill_partial(q, k_cache, v_cache, shard.block_tables, shard.cu_seqlens,
-                                         shard.kv_lens, scale, backend=backend)
+                                         shard.kv_lens, scale, backend=backend, validate=validate)
 
 
 def serve_partial(rm, kv: KVCache, src: int, layer: int, q, k_new, v_new, write_slots,
@@ -152,7 +157,8 @@ class CreditorSteps:
 
 
 class DistAttention:
-    """The `attn(layer, q, k, v)` callable the model calls, for one step."""
+    """The `attn(layer, q, k, v)` callable the model calls, for one step. Its context was
+    checked once when it was built (`build_context`): the kernels skip their per-layer checks."""
 
     def __init__(self, kv: KVCache, ctx: StepContext, scale: float, remote: RemotePartials | None,
                  backend: str = "auto"):
@@ -162,13 +168,13 @@ class DistAttention:
         home = self.ctx.home
         if not self.ctx.remote:
             out, _ = partial_on_shard(self.kv, layer, q, k[home.write_idx], v[home.write_idx], home,
-                                      self.scale, self.backend)
+                                      self.scale, self.backend, validate=False)
             return out
         jobs = {inst: PartialJob(q[s.token_idx], k[s.write_idx], v[s.write_idx], s)
                 for inst, s in self.ctx.remote.items()}
         pending = self.remote.submit(layer, jobs)  # type: ignore[union-attr]
         out, lse = partial_on_shard(self.kv, layer, q, k[home.write_idx], v[home.write_idx], home,
-                                    self.scale, self.backend)
+                                    self.scale, self.backend, validate=False)
         return self._merge(out, lse, pending.result())
 
     def _merge(self, out, lse, results) -> torch.Tensor:
@@ -179,5 +185,5 @@ class DistAttention:
             idx = self.ctx.remote[inst].token_idx
             outs[i, idx] = o.to(out.dtype)
             lses[i, idx] = s.float()
-        merged, _ = kernels.merge_attention_states(outs, lses, backend=self.backend)
+        merged, _ = kernels.merge_attention_states(outs, lses, backend=self.backend, validate=False)
         return merged
