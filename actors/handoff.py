@@ -97,13 +97,21 @@ class HandoffMixin:
             req_id, prompt, params = item
             w = self.waiters.get(req_id)
             if w is None or req_id in self.cancelled:
+                self._let_go_of_plans(req_id)
                 continue
             try:
                 self._handoff(fresh_state(req_id, prompt, params), None, None, w)
             except Exception:
                 self.inbox.put(item)
                 raise
+            self._let_go_of_plans(req_id)          # the new home makes its own
             n += 1
+
+    def _let_go_of_plans(self, req_id: str) -> None:
+        """A request that leaves before admission unpins the prefix it leased elsewhere and
+        forgets its tier plan (a plan holds no blocks)."""
+        self._drop_lease(self.waiting_leases.pop(req_id, None))
+        self.waiting_loads.pop(req_id, None)
 
     def cancel_drain(self) -> None:
         """A scale-down was called off: serve (and lend) again."""

@@ -848,7 +848,6 @@ class InstanceActor(HandoffMixin, TransportHost):
         if lease is not None:
             self._unpin_remote(lease[0], lease[2])
 
-    @ray.method(concurrency_group=CONTROL_GROUP)
     # ---- KV tiers ----------------------------------------------------------------------------
     def _plan_tier_load(self, req_id: str, prompt: list[int]) -> None:
         """Prompt blocks that the node's tiers hold past the pool's cached prefix: plan to
@@ -881,6 +880,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         """The handle of this instance's node store (None without tiers)."""
         return None if self.tiers is None else self.tiers.store
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def pin_prefix(self, reader: int, hashes: list[bytes]) -> list[int]:
         """Pin the longest cached prefix of `hashes` for `reader` (read-only: it attends over
         them here, or copies them); returns the block ids."""

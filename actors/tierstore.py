@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 
 
 def _as_bytes(data) -> bytes:
-    """A host-tier payload (an object-store reference) or disk bytes, as bytes."""
-    return ray.get(data).tobytes() if isinstance(data, ray.ObjectRef) else data
+    """A payload (an object-store reference, an array, bytes) as bytes, for a disk file."""
+    if isinstance(data, ray.ObjectRef):
+        data = ray.get(data)
+    return data.tobytes() if isinstance(data, np.ndarray) else data
 
 
 def store_name(fabric_name: str, node_id: str) -> str:
@@ -73,8 +75,9 @@ class NodeTierStore:
         threading.Thread(target=self._publish_loop, name="tier-publish", daemon=True).start()
 
     # ---- writes (write-back from the pools) ----------------------------------------------
-    def put(self, hashes: list[bytes], payloads: list[bytes]) -> int:
-        """Keep blocks evicted from a pool; returns how many some tier kept."""
+    def put(self, hashes: list[bytes], payloads: list[np.ndarray]) -> int:
+        """Keep blocks evicted from a pool (payloads: uint8 arrays, read in place from the
+        caller's argument); returns how many some tier kept."""
         kept = 0
         with self.lock:
             for h, p in zip(hashes, payloads):
@@ -87,7 +90,7 @@ class NodeTierStore:
             if h in self.host:
                 self.host.get(h)
                 return True
-            down = self.host.put(h, ray.put(np.frombuffer(payload, dtype=np.uint8)), len(payload))
+            down = self.host.put(h, ray.put(payload), len(payload))
             if h in self.host:
                 self.counters["host"]["bytes_down"] += len(payload)
                 self.events.append((True, h, "host"))

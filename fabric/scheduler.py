@@ -278,8 +278,9 @@ class Scheduler:
                 seq.num_registered = seq.num_computed // bs
                 self._drop_inflight(seq, len(blocks))
                 self._count_load(seq, ld, loaded=len(blocks), computed=start - ld.first)
-            else:
-                return min(frontier * bs - seq.num_computed, budget)
+            else:                                          # stop at a block boundary
+                upto = min(frontier * bs, (seq.num_computed + budget) // bs * bs)
+                return max(0, upto - seq.num_computed)
         return min(seq.num_tokens - seq.num_computed, budget)
 
     def _count_load(self, seq: Sequence, ld, loaded: int, computed: int) -> None:

@@ -294,10 +294,10 @@ class TierLoad:
         return self.hashes[j:], self.blocks[j:], rest
 
 
-def pack(k: torch.Tensor, v: torch.Tensor) -> bytes:
-    """One block's KV over all layers (`[L, block_size, H_kv, D]` each) as bytes."""
-    both = torch.stack([k, v]).contiguous()
-    return both.view(torch.uint8).numpy().tobytes()
+def pack(k: torch.Tensor, v: torch.Tensor):
+    """One block's KV over all layers (`[L, block_size, H_kv, D]` each) as one uint8 array (a
+    buffer: Ray moves it without pickling, a reader maps it)."""
+    return torch.stack([k, v]).contiguous().view(torch.uint8).reshape(-1).numpy()
 
 
 def unpack(payload, shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
