@@ -863,9 +863,10 @@ class InstanceActor(HandoffMixin, TransportHost):
         below = self.tiers.lookup(hashes[k:]) if len(hashes) - k >= want else []
         if len(below) < want and k < want:
             return
-        mode = self.tiers.costs.choose(cfg.prefill, below or ["host"] * k, bs,
-                                       eng.reuse_costs.est["prefill_s_per_token"])
-        self.waiting_loads[req_id] = (0, hashes[: k + len(below)], mode)
+        tiers, per_token = below or ["host"] * k, eng.reuse_costs.est["prefill_s_per_token"]
+        mode = self.tiers.costs.choose(cfg.prefill, tiers, bs, per_token)
+        self.waiting_loads[req_id] = (0, hashes[: k + len(below)], mode,
+                                      self.tiers.costs.head_share(tiers, bs, per_token))
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def tier_stats(self) -> dict:

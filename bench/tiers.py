@@ -20,13 +20,14 @@ Arms (each a fresh fabric, warmed up, with an empty cache):
 - `compute_or_load`: the same tiers, `prefill: compute_or_load` (compute from the head while
   the loader brings blocks from the tail).
 - `auto`: the same tiers, `prefill: auto` (chosen per request by measured speeds).
-- `compute_or_load_ttl`: compute-or-load, and every turn names its session with
-  `ttl_s` = `ttl_s`, so its KV stays in the pool between turns.
+- `recompute_ttl`, `compute_or_load_ttl`: as `recompute` and `compute_or_load`, and every turn
+  names its session with `ttl_s` = `ttl_s`, so its KV stays in the pool between turns.
 
 Per arm: TTFT p50/p90, generated tokens/s over the wall time, prompt tokens cached (pool or
 tier), hits and bytes per tier, how turns brought their prefix up. The JSON carries
 `compute_or_load_vs_recompute_ttft`, `compute_or_load_vs_load_ttft` and `ttl_vs_no_ttl_ttft`
-(p50 TTFT ratios: compute-or-load over recompute and over load; with TTL over without).
+(p50 TTFT ratios: compute-or-load over recompute and over load; with TTL over without, both
+with the tiers), and `ttl_vs_no_ttl_ttft_without_tiers` (recompute_ttl over recompute).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from bench.report import print_table, write_json
 MODEL = {"preset": "smollm2-135m-instruct", "dtype": "float32"}
 BLOCK_SIZE = 16
 BLOCK_BYTES = 2 * 30 * BLOCK_SIZE * 3 * 64 * 4      # SmolLM2: 30 layers, 3 KV heads of 64
-ARMS = ("recompute", "load", "compute_or_load", "auto", "compute_or_load_ttl")
+ARMS = ("recompute", "recompute_ttl", "load", "compute_or_load", "auto", "compute_or_load_ttl")
 SIZES = {
     "quick": dict(sessions=8, turns=3, first_tokens=256, turn_tokens=48, gen_tokens=16,
                   think_s=8.0, kv_blocks=64, ttl_s=30.0),
@@ -59,7 +60,7 @@ def config(arm: str, size: dict, disk_path: str) -> dict:
     cfg = {"model": MODEL,
            "instances": {"count": 1, "kv_blocks": size["kv_blocks"], "block_size": BLOCK_SIZE,
                          "max_batch_tokens": 256}}
-    if arm != "recompute":
+    if not arm.startswith("recompute"):
         total = size["sessions"] * (size["first_tokens"] + size["turns"] *
                                     (size["turn_tokens"] + size["gen_tokens"])) // BLOCK_SIZE
         cfg["tiers"] = {"host_bytes": total // 2 * BLOCK_BYTES,        # half fits in host ...
@@ -178,6 +179,8 @@ def main(argv=None) -> dict:
         "ttl_vs_no_ttl_ttft":
             ratio(rows, "compute_or_load_ttl", "compute_or_load")
             if {"compute_or_load_ttl", "compute_or_load"} <= set(rows) else None,
+        "ttl_vs_no_ttl_ttft_without_tiers":
+            ratio(rows, "recompute_ttl", "recompute") if {"recompute_ttl", "recompute"} <= set(rows) else None,
     }
     print_table(["arm", "TTFT p50 s", "TTFT p90 s", "tok/s", "cached/prompt", "loaded",
                  "computed below", "host hits", "disk hits", "policies"],
@@ -187,7 +190,7 @@ def main(argv=None) -> dict:
                   r["tiers"].get("disk", {}).get("hits", "-"), r["policies"])
                  for a, r in rows.items()])
     for k in ("compute_or_load_vs_recompute_ttft", "compute_or_load_vs_load_ttft",
-              "auto_vs_recompute_ttft", "ttl_vs_no_ttl_ttft"):
+              "auto_vs_recompute_ttft", "ttl_vs_no_ttl_ttft", "ttl_vs_no_ttl_ttft_without_tiers"):
         v = result[k]
         print(f"{k}: {'-' if v is None else f'{v:.3f}'}")
     print("outputs identical across arms:", result["outputs_match"])

@@ -234,12 +234,13 @@ class Scheduler:
     # ---- KV tiers ----------------------------------------------------------------------------
     def _start_planned_load(self, seq: Sequence, budget: int) -> None:
         """At admission: if `seq`'s prompt continues its cached prefix with blocks its host
-        found in a lower tier (`seq.tier_plan`: first position, their hashes, the way chosen),
-        take pool blocks for them and start the loader. Without room, they are computed."""
+        found in a lower tier (`seq.tier_plan`: first position, their hashes, the way chosen,
+        the share to compute from the head), take pool blocks for them and start the loader.
+        Without room, they are computed."""
         plan, seq.tier_plan = seq.tier_plan, None
         if plan is None or self.start_load is None:
             return
-        first, hashes, mode = plan
+        first, hashes, mode, head_share = plan
         bs = self.rm.block_size
         k, end = seq.num_computed // bs, first + len(hashes)
         if not first <= k < end or end - k < self.min_load_blocks:
@@ -251,7 +252,7 @@ class Scheduler:
             return
         blocks = self.rm.import_cached(end - k)
         self.rm.loading[seq.req_id] = len(blocks)
-        seq.tier_load = TierLoad(k, hashes[k - first:], blocks, mode)
+        seq.tier_load = TierLoad(k, hashes[k - first:], blocks, mode, head_share)
         self.start_load(seq.tier_load)
 
     def _follow_load(self, seq: Sequence, budget: int) -> int:
@@ -278,8 +279,9 @@ class Scheduler:
                 seq.num_registered = seq.num_computed // bs
                 self._drop_inflight(seq, len(blocks))
                 self._count_load(seq, ld, loaded=len(blocks), computed=start - ld.first)
-            else:                                          # stop at a block boundary
-                upto = min(frontier * bs, (seq.num_computed + budget) // bs * bs)
+            else:           # up to where they should meet, then the frontier; on a block edge
+                stop = frontier if seq.num_computed >= ld.meet * bs else min(frontier, ld.meet)
+                upto = min(stop * bs, (seq.num_computed + budget) // bs * bs)
                 return max(0, upto - seq.num_computed)
         return min(seq.num_tokens - seq.num_computed, budget)
 

@@ -238,11 +238,15 @@ class TierLoad:
     the request takes the loaded blocks from that position on (`take`) and the rest go back
     to the pool once the loader no longer writes them."""
 
-    def __init__(self, first: int, hashes: list[bytes], blocks: list[int], mode: str):
+    def __init__(self, first: int, hashes: list[bytes], blocks: list[int], mode: str,
+                 head_share: float = 1.0):
         assert len(hashes) == len(blocks) and mode in ("load", "compute_or_load")
         self.first, self.hashes, self.blocks, self.mode = first, hashes, blocks, mode
         self.end = first + len(hashes)
         self.frontier = self.end
+        # where the two should meet, by the measured speeds: the prefill's first chunks stop
+        # there (a chunk is large: computing past it would redo what the loader brings)
+        self.meet = first + (int(len(hashes) * head_share) if mode == "compute_or_load" else 0)
         self.done = False               # the loader has stopped writing
         self.stopped = False            # the request met the loader (or left)
         self.tiers: dict[str, int] = {}     # blocks loaded per tier
@@ -375,6 +379,16 @@ class TierCosts:
         compute = len(tiers) * block_size * prefill_s_per_token
         both = 1.0 / (1.0 / max(load, 1e-9) + 1.0 / max(compute, 1e-9)) if tiers else 0.0
         return {"recompute": compute, "load": load, "compute_or_load": both}
+
+    def head_share(self, tiers: list[str], block_size: int, prefill_s_per_token: float) -> float:
+        """The share of `tiers`' blocks compute-or-load should compute (from the head) so that
+        the prefill and the loader finish together: per block, compute c and load l seconds,
+        x * c = (1 - x) * l."""
+        if not tiers:
+            return 0.0
+        load = sum(self.load_s_per_block.get(t, self.PRIORS["disk"]) for t in tiers) / len(tiers)
+        compute = block_size * prefill_s_per_token
+        return load / (load + compute)
 
     def choose(self, policy: str, tiers: list[str], block_size: int,
                prefill_s_per_token: float) -> str:

@@ -128,6 +128,10 @@ def test_costs_choose_by_measured_speeds():
         c.observe_load("host", 4, 40.0)                          # a very slow tier
     assert c.estimates(tiers, 16, 1e-3)["load"] > 50
     assert c.choose("auto", [], 16, 1e-3) in ("recompute", "compute_or_load")
+    fast = TierCosts()
+    share = fast.head_share(["host"] * 4, 16, 1e-3)             # 2 ms a block against 16 ms
+    assert share == pytest.approx(2e-3 / (2e-3 + 16e-3))
+    assert fast.head_share([], 16, 1e-3) == 0.0
 
 
 # ---- 2. sessions in the prefix cache ------------------------------------------------------------
@@ -193,7 +197,7 @@ def fill_host(eng, host, prompt, rng):
     return hashes
 
 
-def plan_load(eng, host, prompt, mode, delay=0.0):
+def plan_load(eng, host, prompt, mode, delay=0.0, head_share=1.0):
     """What an instance does: the plan for `prompt`'s blocks in `host`, and a loader (a thread
     per load, as `TierClient`) for the scheduler to start at admission."""
     hashes = prompt_hashes(prompt, 8, eng.scheduler.salt)
@@ -217,7 +221,7 @@ def plan_load(eng, host, prompt, mode, delay=0.0):
         threads.append(threading.Thread(target=loader, args=(ld,)))
         threads[-1].start()
     eng.scheduler.start_load = start
-    return (k, hashes[k:], mode), threads, loads
+    return (k, hashes[k:], mode, head_share), threads, loads
 
 
 def run_with_plan(eng, prompt, plan):
@@ -237,24 +241,23 @@ def settle(eng, threads):
     assert not eng.rm.importing and not eng.rm.loading
 
 
-@pytest.mark.parametrize("mode,delay", [("load", 0.0), ("compute_or_load", 0.0),
-                                        ("compute_or_load", 0.05)])
-def test_engine_loads_blocks_from_a_tier_identically(models, mode, delay):
+@pytest.mark.parametrize("mode,delay,share", [("load", 0.0, 0.0), ("compute_or_load", 0.0, 1.0),
+                                              ("compute_or_load", 0.05, 1.0),
+                                              ("compute_or_load", 0.05, 0.3)])
+def test_engine_loads_blocks_from_a_tier_identically(models, mode, delay, share):
     rng = random.Random(205)
     prompt = rand_tokens(rng, 8 * 9 + 3)              # 9 full blocks below after eviction
     eng, host = engine_with_host(models)
     fill_host(eng, host, prompt, rng)
-    plan, threads, loads = plan_load(eng, host, prompt, mode, delay)
+    plan, threads, loads = plan_load(eng, host, prompt, mode, delay, share)
     seq = run_with_plan(eng, prompt, plan)
-    assert len(loads) == 1
+    assert len(loads) == 1 and loads[0].meet == (int(9 * share) if mode != "load" else 0)
     assert seq.output == hf_greedy(models, prompt, GREEDY.max_new_tokens)
     m = seq.metrics()
-    assert m["tier_policy"] == mode and m["tier_loaded_tokens"] > 0
+    assert m["tier_policy"] == mode                    # how much each side did is timing
     assert m["tier_loaded_tokens"] + m["tier_computed_tokens"] == 9 * 8
     if mode == "load":
         assert m["tier_loaded_tokens"] == 9 * 8 and m["cached_tokens"] == 9 * 8
-    if delay:                                          # a slow loader: compute did a share
-        assert m["tier_computed_tokens"] > 0
     settle(eng, threads)
     # the loaded blocks are cached again: the same prompt now hits the pool
     again = eng.generate([prompt], GREEDY)[0]
