@@ -55,6 +55,7 @@ class NodeTierStore:
                  controller_name: str, namespace: str):
         self.node_id = node_id
         self.lock = threading.Lock()
+        self.disk_lock = threading.Lock()
         self.host = HostTier(host_bytes) if host_bytes > 0 else None
         self.disk = None
         self.disk_error: str | None = None
@@ -75,41 +76,51 @@ class NodeTierStore:
         threading.Thread(target=self._publish_loop, name="tier-publish", daemon=True).start()
 
     # ---- writes (write-back from the pools) ----------------------------------------------
+    # `lock` guards the host tier, counters and events; `disk_lock` the disk tier, whose file
+    # I/O must not hold up reads of the host tier. Order: `lock` before `disk_lock`, never the
+    # other way round.
     def put(self, hashes: list[bytes], payloads: list[np.ndarray]) -> int:
         """Keep blocks evicted from a pool (payloads: uint8 arrays, read in place from the
         caller's argument); returns how many some tier kept."""
-        kept = 0
+        down: list[tuple[bytes, object]] = []
         with self.lock:
             for h, p in zip(hashes, payloads):
-                kept += self._put_one(h, p)
-        return kept
-
-    def _put_one(self, h: bytes, payload: bytes) -> bool:
-        down = [(h, payload)]
-        if self.host is not None:
-            if h in self.host:
-                self.host.get(h)
-                return True
-            down = self.host.put(h, ray.put(payload), len(payload))
-            if h in self.host:
-                self.counters["host"]["bytes_down"] += len(payload)
-                self.events.append((True, h, "host"))
-            for d, _ in down:
-                if d != h:
-                    self.counters["host"]["evictions"] += 1
-                    self.events.append((False, d, "host"))
-        if self.disk is not None:               # what the host tier let go of goes to disk
-            for d, data in down:
-                raw = _as_bytes(data) if d not in self.disk else b""
-                if raw and self.disk.put(d, raw):
-                    self.counters["disk"]["bytes_down"] += len(raw)
+                down += self._put_host(h, p)
+        if self.disk is not None and down:          # what the host tier let go of goes to disk
+            with self.disk_lock:
+                written = [(d, len(raw)) for d, data in down if d not in self.disk
+                           for raw in [_as_bytes(data)] if self.disk.put(d, raw)]
+                dropped = self.disk.take_dropped()
+            with self.lock:
+                for d, n in written:
+                    self.counters["disk"]["bytes_down"] += n
                     self.events.append((True, d, "disk"))
-            self._note_disk_drops()
-        return (self.host is not None and h in self.host) or \
-            (self.disk is not None and h in self.disk)
+                self._note_disk_drops(dropped)
+        return sum(1 for h in hashes if self._holds(h))
 
-    def _note_disk_drops(self) -> None:
-        for h in self.disk.take_dropped():
+    def _put_host(self, h: bytes, payload) -> list[tuple[bytes, object]]:
+        """Into the host tier; returns what goes down to disk (all of it without a host tier)."""
+        if self.host is None:
+            return [(h, payload)]
+        if h in self.host:
+            self.host.get(h)
+            return []
+        down = self.host.put(h, ray.put(payload), len(payload))
+        if h in self.host:
+            self.counters["host"]["bytes_down"] += len(payload)
+            self.events.append((True, h, "host"))
+        for d, _ in down:
+            if d != h:
+                self.counters["host"]["evictions"] += 1
+                self.events.append((False, d, "host"))
+        return down
+
+    def _holds(self, h: bytes) -> bool:
+        return (self.host is not None and h in self.host) or \
+            (self.disk is not None and h in self.disk.index)
+
+    def _note_disk_drops(self, dropped: list[bytes]) -> None:
+        for h in dropped:
             self.counters["disk"]["evictions"] += 1
             self.events.append((False, h, "disk"))
 
@@ -122,7 +133,7 @@ class NodeTierStore:
             for h in hashes:
                 if self.host is not None and h in self.host:
                     out.append("host")
-                elif self.disk is not None and h in self.disk:
+                elif self.disk is not None and h in self.disk.index:
                     out.append("disk")
                 else:
                     break
@@ -132,30 +143,36 @@ class NodeTierStore:
         """(tier, payload) of each block: an object-store reference from the host tier (the
         reader maps it), bytes from disk; None for one this node no longer has (or whose file
         is corrupt: never wrong KV)."""
-        out = []
+        out: list = [None] * len(hashes)
+        rest = []
         with self.lock:
-            for h in hashes:
+            for i, h in enumerate(hashes):
                 if self.host is not None and h in self.host:
-                    n = self.host.blocks[h][1]
-                    out.append(("host", self.host.get(h)))
                     self.counters["host"]["hits"] += 1
-                    self.counters["host"]["bytes_up"] += n
-                    continue
-                data = self.disk.get(h) if self.disk is not None else None
-                if self.disk is not None:
-                    self._note_disk_drops()
+                    self.counters["host"]["bytes_up"] += self.host.blocks[h][1]
+                    out[i] = ("host", self.host.get(h))
+                else:
+                    rest.append(i)
+        read, dropped = {}, []
+        if self.disk is not None and rest:
+            with self.disk_lock:
+                read = {i: self.disk.get(hashes[i]) for i in rest}
+                dropped = self.disk.take_dropped()
+        with self.lock:
+            for i in rest:
+                data = read.get(i)
                 if data is None:
                     self.counters["misses"] += 1
-                    out.append(None)
                     continue
                 self.counters["disk"]["hits"] += 1
                 self.counters["disk"]["bytes_up"] += len(data)
-                out.append(("disk", data))
+                out[i] = ("disk", data)
+            self._note_disk_drops(dropped)
         return out
 
     # ---- control -------------------------------------------------------------------------
     def stats(self) -> dict:
-        with self.lock:
+        with self.lock, self.disk_lock:
             out = {"node_id": self.node_id, "misses": self.counters["misses"]}
             for name, tier in (("host", self.host), ("disk", self.disk)):
                 out[name] = None if tier is None else {
@@ -169,7 +186,7 @@ class NodeTierStore:
 
     def clear(self) -> int:
         """Drop every block of both tiers; returns how many."""
-        with self.lock:
+        with self.lock, self.disk_lock:
             n = 0
             for name, tier in (("host", self.host), ("disk", self.disk)):
                 if tier is not None:
@@ -203,8 +220,9 @@ class NodeTierStore:
                     if self._snapshot:
                         self.events = []
                         added = [(h, "host") for h in (self.host.blocks if self.host else ())]
-                        added += [(h, "disk") for h in (self.disk.index if self.disk else ())
-                                  if not (self.host and h in self.host)]
+                        with self.disk_lock:
+                            on_disk = list(self.disk.index) if self.disk else []
+                        added += [(h, "disk") for h in on_disk if not (self.host and h in self.host)]
                         batch, base = (added, []), None
                     else:
                         events, self.events = self.events, []

@@ -256,8 +256,10 @@ class Scheduler:
         self.start_load(seq.tier_load)
 
     def _follow_load(self, seq: Sequence, budget: int) -> int:
-        """Tokens `seq` may compute this step, meeting its tier load (fabric/tiers.py): never
-        past the loader's frontier; once there, the loaded blocks join its table."""
+        """Tokens `seq` may compute this step, meeting its tier load (fabric/tiers.py): the
+        head up to where the two should meet (`ld.meet`), then it waits for the loader; never
+        past the loader's frontier; once there, the loaded blocks join its table. A loader
+        that stopped early (a block missing below) leaves the rest to compute."""
         ld = seq.tier_load
         if ld is not None:
             if not ld.ready():
@@ -279,9 +281,11 @@ class Scheduler:
                 seq.num_registered = seq.num_computed // bs
                 self._drop_inflight(seq, len(blocks))
                 self._count_load(seq, ld, loaded=len(blocks), computed=start - ld.first)
-            else:           # up to where they should meet, then the frontier; on a block edge
-                stop = frontier if seq.num_computed >= ld.meet * bs else min(frontier, ld.meet)
-                upto = min(stop * bs, (seq.num_computed + budget) // bs * bs)
+            elif seq.num_computed >= ld.meet * bs and not ld.done:
+                return 0                    # the head is computed: the loader brings the rest
+            else:           # up to where they should meet (or, the loader done, its frontier)
+                stop = frontier if ld.done else min(frontier, ld.meet)
+                upto = min(stop * bs, (seq.num_computed + budget) // bs * bs)   # a block edge
                 return max(0, upto - seq.num_computed)
         return min(seq.num_tokens - seq.num_computed, budget)
 

@@ -258,6 +258,8 @@ def test_engine_loads_blocks_from_a_tier_identically(models, mode, delay, share)
     assert m["tier_loaded_tokens"] + m["tier_computed_tokens"] == 9 * 8
     if mode == "load":
         assert m["tier_loaded_tokens"] == 9 * 8 and m["cached_tokens"] == 9 * 8
+    if share < 1:                       # the head up to the meeting point, then the loader
+        assert m["tier_computed_tokens"] == int(9 * share) * 8
     settle(eng, threads)
     # the loaded blocks are cached again: the same prompt now hits the pool
     again = eng.generate([prompt], GREEDY)[0]
