@@ -233,10 +233,10 @@ class TierLoad:
 
     The loader (a thread of the instance) fills them from the tail, one batch at a time, and
     moves `frontier` down after each batch is written: positions `frontier..end` hold their
-    KV. The scheduler computes the prompt from the head and never past `frontier`; when the
-    compute reaches it (or, for a load-only request, when the loader is done) the two meet:
-    the request takes the loaded blocks from that position on (`take`) and the rest go back
-    to the pool once the loader no longer writes them."""
+    KV. The scheduler computes the prompt's head up to `meet` (none for a load-only request),
+    never past `frontier`, then waits; when the compute and the frontier meet, the request
+    takes the loaded blocks from that position on (`take`) and the rest go back to the pool
+    once the loader no longer writes them."""
 
     def __init__(self, first: int, hashes: list[bytes], blocks: list[int], mode: str,
                  head_share: float = 1.0):
@@ -244,8 +244,8 @@ class TierLoad:
         self.first, self.hashes, self.blocks, self.mode = first, hashes, blocks, mode
         self.end = first + len(hashes)
         self.frontier = self.end
-        # where the two should meet, by the measured speeds: the prefill's first chunks stop
-        # there (a chunk is large: computing past it would redo what the loader brings)
+        # where the two should meet by the measured speeds: the prefill computes the head up
+        # to there (a chunk is large: computing past it would redo what the loader brings)
         self.meet = first + (int(len(hashes) * head_share) if mode == "compute_or_load" else 0)
         self.done = False               # the loader has stopped writing
         self.stopped = False            # the request met the loader (or left)
@@ -356,8 +356,9 @@ def run_load(ld: TierLoad, fetch, write_kv, shape: tuple, dtype: torch.dtype, ba
 class TierCosts:
     """How a request brings up blocks a lower tier holds, by measured speeds: the loader's
     seconds per block (per tier, from priors until measured), the instance's prefill seconds
-    per token. Compute-or-load, computing and loading at once, takes about the time of both
-    rates added; it needs pool room for every block below up front, like a load."""
+    per token (`ReuseCosts`), a fixed call latency. Compute-or-load, computing and loading at
+    once, takes about the time of both rates added (it assumes the two run in parallel: on a
+    CPU they share the cores); it needs pool room for every block below up front, like a load."""
 
     ALPHA = 0.2
     PRIORS = {"host": 2e-3, "disk": 5e-3}
