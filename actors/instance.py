@@ -136,8 +136,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         if self.cfg.tiers.enabled and self.cfg.prefix_cache.enabled:
             self._phase("connecting to its node's KV tiers")
             tiers_cfg = self.cfg.tiers
-            self.tiers = TierClient(lambda: get_store(controller_name, controller_name, namespace,
-                                                      tiers_cfg),
+            self.tiers = TierClient(lambda: get_store(controller_name, namespace, tiers_cfg),
                                     self.engine.block_shape, self.engine.kv.k.dtype,
                                     self.engine.kv.write_blocks, self.engine.scheduler.load_returns)
             self.engine.set_tier_sink(self.tiers.offer)
@@ -875,11 +874,6 @@ class InstanceActor(HandoffMixin, TransportHost):
             return {"enabled": False}
         return {"enabled": True, **self.tiers.counters, **self.engine.scheduler.tiers,
                 "load_s_per_block": dict(self.tiers.costs.load_s_per_block)}
-
-    @ray.method(concurrency_group=CONTROL_GROUP)
-    def tier_store(self):
-        """The handle of this instance's node store (None without tiers)."""
-        return None if self.tiers is None else self.tiers.store
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def pin_prefix(self, reader: int, hashes: list[bytes]) -> list[int]:

@@ -349,13 +349,14 @@ class TierClient:
         self.stopped = True
 
 
-def get_store(fabric_name: str, controller_name: str, namespace: str, cfg) -> "ray.actor.ActorHandle":
-    """This node's store, started if it is not running (a detached actor pinned to the node)."""
+def get_store(controller_name: str, namespace: str, cfg) -> "ray.actor.ActorHandle":
+    """This node's store for the fabric whose controller is `controller_name` (its name names
+    the fabric), started if it is not running (a detached actor pinned to the node)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node_id = ray.get_runtime_context().get_node_id()
     store = NodeTierStore.options(
-        name=store_name(fabric_name, node_id), namespace=namespace, get_if_exists=True,
+        name=store_name(controller_name, node_id), namespace=namespace, get_if_exists=True,
         lifetime="detached", scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
     ).remote(node_id, cfg.host_bytes, cfg.disk_path, cfg.disk_bytes, controller_name, namespace)
     ray.get(store.ping.remote(), timeout=CONTROL_TIMEOUT_S)
