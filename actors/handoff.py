@@ -31,6 +31,7 @@ from fabric.engine import fresh_state
 from fabric.errors import FabricError
 from fabric.messages import CONTROL_TIMEOUT_S
 from fabric.sequence import SamplingParams
+from fabric.threads import beside_engine
 
 STAGED_KV_TTL_S = 300.0   # KV staged for an adopt that never comes is dropped after this
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 class HandoffMixin:
     # ---- the leaving side ----------------------------------------------------------------
+    @beside_engine
     def drain(self, targets: list[tuple[int, object]]) -> dict:
         """Leave the fabric: hand every request to `targets` ([(id, handle)]), give borrowed
         blocks back, and have debtors move blocks lent to them off this instance."""
@@ -277,6 +279,7 @@ class HandoffMixin:
             yield tok
         yield w.slot
 
+    @beside_engine
     def _adopt(self, state: dict, k, v, w) -> dict:
         if state.get("staged"):
             k, v = _assemble(self.__dict__.get("staged_kv", {}).pop(state["id"], None))
@@ -290,6 +293,7 @@ class HandoffMixin:
         return info
 
     # ---- creditors and debtors -------------------------------------------------------------
+    @beside_engine
     def relocate_from(self, creditor: int) -> dict:
         """`creditor` is leaving: copy every block of ours it holds into free blocks here (a
         request that does not fit is recomputed later) and give its blocks back. Returns the

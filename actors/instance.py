@@ -34,6 +34,7 @@ import torch
 
 from fabric.config import FabricConfig, load_config
 from fabric.distattn import CreditorSteps, PartialJob, serve_partial
+from fabric.threads import beside_engine, release_pool
 from fabric.engine import Engine
 from fabric.errors import CapacityError, FabricError, RequestError
 from fabric.messages import CONTROL_TIMEOUT_S, Heartbeat
@@ -142,6 +143,7 @@ class InstanceActor(HandoffMixin, TransportHost):
             self.engine.set_tier_sink(self.tiers.offer)
             self.engine.scheduler.start_load = self.tiers.start_load
             self.engine.scheduler.min_load_blocks = max(1, self.cfg.tiers.min_load_blocks)
+        release_pool()          # this thread's torch work is done: the engine thread's cores
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
 
     def take_rank(self, instance_id: int) -> None:
@@ -702,6 +704,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         """The books changed: tell the ledger now rather than at the next periodic beat."""
         self._tell_controller("heartbeat", self.heartbeat())
 
+    @beside_engine
     def serve_transport(self, src: int, meta: dict, tensors: list[torch.Tensor]):
         """A debtor's attention micro-task over blocks this instance holds for it; or, when
         replicas leave, KV blocks moving between instances (see actors/handoff.py)."""

@@ -26,6 +26,7 @@ import ray
 import torch
 
 from fabric.messages import CONTROL_TIMEOUT_S
+from fabric.threads import release_pool
 from fabric.tiers import DiskTier, HostTier, TierCosts, TierLoad, pack, run_load
 
 WRITE_BATCH = 8            # evicted blocks sent down per call, at most
@@ -289,6 +290,7 @@ class TierClient:
                 self._count(-len(h))
                 hashes += h
                 payloads += [pack(k[:, j], v[:, j]) for j in range(len(h))]
+                release_pool()  # beside the engine loop (fabric/threads.py)
                 item = None
                 if len(hashes) < WRITE_BATCH:
                     try:
@@ -341,6 +343,7 @@ class TierClient:
             self.counters["load_errors"] += 1
             log.warning("tier load failed: %r", e)
         finally:
+            release_pool()      # a thread beside the engine loop (fabric/threads.py)
             rest = ld.finish()
             if rest:
                 self.returns.put(rest)

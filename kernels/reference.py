@@ -8,6 +8,7 @@ lengths, slots lie in the pool), which costs a host synchronisation on CUDA tens
 
 from __future__ import annotations
 
+import threading
 from itertools import pairwise
 
 import torch
@@ -26,6 +27,9 @@ def paged_attention_partial(q, k_cache, v_cache, block_tables, seq_lens, scale, 
     if validate:
         check_decode(q, k_cache, v_cache, block_tables, seq_lens)
         _check_tables(block_tables, seq_lens.long(), k_cache, "seq_lens[{}]")
+    if k_cache.is_contiguous() and v_cache.is_contiguous() and q.shape[0]:
+        return _attend_planned(q, k_cache, v_cache, _decode_plan(block_tables, seq_lens, k_cache),
+                               scale)
     return _attend_tokens(q, k_cache, v_cache, block_tables, seq_lens.long(), scale)
 
 
@@ -70,6 +74,13 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, validate=True):
     """Scatters k, v [N, H_kv, D] into the caches at `slot_mapping` [N] (-1 = skip), in place."""
     if validate:
         check_write(k, v, k_cache, v_cache, slot_mapping)
+    if not validate and k_cache.is_contiguous() and v_cache.is_contiguous():
+        keep, slots = _write_plan(slot_mapping)
+        kk, vv = (k, v) if keep is None else (k.index_select(0, keep), v.index_select(0, keep))
+        rows = k_cache.shape[2:]
+        k_cache.view(-1, *rows).index_copy_(0, slots, kk.to(k_cache.dtype))
+        v_cache.view(-1, *rows).index_copy_(0, slots, vv.to(v_cache.dtype))
+        return
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     num_slots = k_cache.shape[0] * k_cache.shape[1]
@@ -79,6 +90,95 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, validate=True):
     blocks, offsets = slots // k_cache.shape[1], slots % k_cache.shape[1]
     k_cache[blocks, offsets] = k[keep]
     v_cache[blocks, offsets] = v[keep]
+
+
+class _Plans(threading.local):
+    """What the layers of one step share, built by the step's first call on each thread: the
+    same block tables and lengths come back for every layer. Keyed by the tensors themselves
+    (identity and in-place version), so a changed or new table is planned again."""
+    MAX = 8
+
+    def __init__(self):
+        self.entries: list = []
+
+    def get(self, kind: str, tensors: tuple, extra: tuple, build):
+        try:
+            key = (kind, extra, tuple(t._version for t in tensors))
+        except RuntimeError:         # inference-mode tensors keep no version: never reused
+            return build()
+        for i, (k, ts, plan) in enumerate(self.entries):
+            if k == key and all(a is b for a, b in zip(ts, tensors)):
+                if i:
+                    self.entries.insert(0, self.entries.pop(i))
+                return plan
+        plan = build()
+        self.entries.insert(0, (key, tensors, plan))
+        del self.entries[self.MAX:]
+        return plan
+
+
+_plans = _Plans()
+
+
+def _decode_plan(tables, seq_lens, cache):
+    """Per chunk of whole blocks (as `_attend_paged`): the rows of `cache.view(-1, D)` to gather
+    [N * H_kv * L] and the additive mask [N, 1, 1, L] (0 where a query sees the key, -inf past
+    its length), and whether some query sees none of the chunk. One host sync, per step."""
+    _, block_size, num_kv_heads, head_dim = cache.shape
+
+    def build():
+        lens = seq_lens.long()
+        num_rows = tables.shape[0]
+        max_len = int(lens.max())
+        per_token = max(1, num_rows * num_kv_heads * head_dim)
+        chunk = max(1, min(GATHER_BUDGET, SCORE_BUDGET) // per_token // block_size) * block_size
+        heads = torch.arange(num_kv_heads, device=cache.device)[:, None]
+        chunks = []
+        for start in range(0, max_len, chunk):
+            end = min(start + chunk, max_len)
+            positions = torch.arange(start, end, device=cache.device)
+            pages = tables[:, positions // block_size].long().clamp_min(0)      # [N, L]
+            slots = pages * block_size + positions % block_size
+            rows = (slots[:, None, :] * num_kv_heads + heads).reshape(-1)      # [N*H_kv*L]
+            seen = positions < lens[:, None]                                    # [N, L]
+            bias = torch.zeros(seen.shape, device=cache.device).masked_fill_(~seen, NEG_INF)
+            empty = bool((lens <= start).any())
+            chunks.append((start, end - start, rows, bias[:, None, None, :], empty))
+        return chunks
+    return _plans.get("decode", (tables, seq_lens), (tuple(cache.shape[1:]), cache.device),
+                      build)
+
+
+def _write_plan(slot_mapping):
+    """(indices of the rows to write, or None for all; their flat slots), once per step."""
+    def build():
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep].long()
+        return (None if bool(keep.all()) else keep.nonzero().flatten()), slots
+    return _plans.get("write", (slot_mapping,), (), build)
+
+
+def _attend_planned(q, k_cache, v_cache, chunks, scale):
+    """`_attend_tokens` with the step's plan: per chunk two gathers, the scores, the mask added,
+    the exact softmax partial; chunks merged exactly."""
+    num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    grouped = q.reshape(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
+    out = lse = None
+    for _, length, rows, bias, empty in chunks:
+        k, v = (cache.view(-1, head_dim).index_select(0, rows)
+                .view(num_rows, num_kv_heads, length, head_dim).float()
+                for cache in (k_cache, v_cache))
+        scores = torch.matmul(grouped, k.transpose(-1, -2)).mul_(scale).add_(bias)
+        part_lse = torch.logsumexp(scores, dim=-1)
+        shift = part_lse.masked_fill(part_lse == NEG_INF, 0.0) if empty else part_lse
+        part_out = torch.matmul(torch.exp(scores.sub_(shift.unsqueeze(-1))), v)
+        out, lse = (part_out, part_lse) if out is None else _merge_two(out, lse, part_out,
+                                                                        part_lse)
+    if out is None:                  # no query sees any key
+        return q.new_zeros(q.shape), q.new_full((num_rows, num_heads), NEG_INF,
+                                                dtype=torch.float32)
+    return out.reshape(num_rows, num_heads, head_dim).to(q.dtype), lse.reshape(num_rows, num_heads)
 
 
 def _attend_tokens(q, k_cache, v_cache, tables, lens, scale):

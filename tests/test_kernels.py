@@ -181,6 +181,28 @@ def test_torch_backend_walks_kv_in_chunks(monkeypatch):
     run_prefill("torch", 2, 8, 32, [(37, 20), (0, 1), (9, 5)])
 
 
+def test_torch_backend_step_plan_is_shared_by_layers_and_redone_for_new_tables():
+    """The torch backend plans a step's gathers once per block table and reuses the plan for
+    every layer (another cache, the same tables); a table changed in place is planned again."""
+    torch.manual_seed(5)
+    lens = [29, 0, 64, 3]
+    pools = [make_pool(lens, 8, 2, 32) for _ in range(2)]
+    tables, seq_lens = pools[0].tables, torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), 8, 32)
+    for pool in pools:                    # layer 0, layer 1: the same tables, another pool
+        pool.tables = tables
+    for pool in pools:
+        out, lse = kernels.paged_attention_partial(q, pool.k_cache, pool.v_cache, tables,
+                                                   seq_lens, 0.3, backend="torch", validate=False)
+        assert_attention_close(out, lse, *decode_reference(q, pool, lens, 0.3), torch.float32)
+    tables[[0, 2]] = tables[[2, 0]].clone()     # in place: sequences 0 and 2 swap blocks
+    lens[0], lens[2] = 24, 29
+    seq_lens[0], seq_lens[2] = 24, 29
+    out, lse = kernels.paged_attention_partial(q, pools[1].k_cache, pools[1].v_cache, tables,
+                                               seq_lens, 0.3, backend="torch", validate=False)
+    assert_attention_close(out, lse, *decode_reference(q, pools[1], lens, 0.3), torch.float32)
+
+
 # ---------------------------------------------------------------- prefill
 
 PREFILL_CASES = [  # (ratio, block_size, head_dim, [(context, chunk) per sequence])
@@ -350,7 +372,8 @@ def test_merge_all_neg_inf(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_size", [1, 16, 7])
-def test_write_kv_is_exact_and_skips_minus_one(backend, dtype, block_size):
+@pytest.mark.parametrize("validate", [True, False])
+def test_write_kv_is_exact_and_skips_minus_one(backend, dtype, block_size, validate):
     torch.manual_seed(block_size)
     num_blocks, num_kv_heads, head_dim, num_new = 20, 3, 80, 17
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
@@ -365,7 +388,7 @@ def test_write_kv_is_exact_and_skips_minus_one(backend, dtype, block_size):
     idx = (slots[keep] // block_size, slots[keep] % block_size)
     expect_k.index_put_(idx, k[keep])
     expect_v.index_put_(idx, v[keep])
-    kernels.write_kv(k, v, k_cache, v_cache, slots, backend=backend)
+    kernels.write_kv(k, v, k_cache, v_cache, slots, backend=backend, validate=validate)
     assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
 
 

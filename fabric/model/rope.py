@@ -34,27 +34,30 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 class RotaryEmbedding(torch.nn.Module):
     """cos/sin tables for every position, built once; a step gathers its positions' rows once
-    (`gather`) and every layer rotates its q and k with them (`rotate`)."""
+    (`gather`) and every layer rotates its q and k with them (`rotate`).
+
+    The sin table is stored with its first half negated, so rotating is x * cos +
+    roll(x, D/2) * sin: the same products as Hugging Face's rotate_half, exactly, in fewer ops."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         positions = torch.arange(args.max_position_embeddings, dtype=torch.float32, device="cpu")
         freqs = torch.outer(positions, inv_frequencies(args))        # [P, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)                      # [P, D]
+        sin = emb.sin()
+        sin[:, : freqs.shape[1]].neg_()
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def gather(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D] of `positions` [T], in `dtype`, broadcasting over heads."""
+        """cos, signed sin [T, 1, D] of `positions` [T], in `dtype`, broadcasting over heads."""
         return (self.cos[positions].unsqueeze(1).to(dtype),
                 self.sin[positions].unsqueeze(1).to(dtype))
 
 
 def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q [T, H, D], k [T, H_kv, D] rotated by `RotaryEmbedding.gather`'s cos, sin."""
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    """q [T, H, D], k [T, H_kv, D] rotated by `RotaryEmbedding.gather`'s cos, sin (one pass over
+    both: they are joined along the heads, rotated, and split again as views)."""
+    qk = torch.cat([q, k], dim=1)
+    qk = qk * cos + qk.roll(qk.shape[-1] // 2, dims=-1) * sin
+    return qk[:, : q.shape[1]], qk[:, q.shape[1]:]
