@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(PY) -m fabric demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) -m bench.kernels
