@@ -1,7 +1,10 @@
 """Torch backend: the reference implementation, and the CPU product path.
 
-Vectorised: blocks are gathered with index ops, attention runs as batched matmul + softmax in
-float32. Unlike the Triton backend it also checks tensor *values* (block tables cover the
+Vectorised: blocks are gathered with index ops, attention runs in float32 through torch's fused
+CPU attention (one pass with an online softmax, returning its log-sum-exp; the mask is an
+additive 0 / -inf bias), or as batched matmul + softmax where that is missing or on another
+device. A decode step's gathers, masks and write slots are planned once and reused by every
+layer (`_Plans`). Unlike the Triton backend it also checks tensor *values* (block tables cover the
 lengths, slots lie in the pool), which costs a host synchronisation on CUDA tensors; with
 `validate=False` it checks nothing (the caller checked once per step).
 """
@@ -122,8 +125,9 @@ _plans = _Plans()
 
 def _decode_plan(tables, seq_lens, cache):
     """Per chunk of whole blocks (as `_attend_paged`): the rows of `cache.view(-1, D)` to gather
-    [N * H_kv * L] and the additive mask [N, 1, 1, L] (0 where a query sees the key, -inf past
-    its length), and whether some query sees none of the chunk. One host sync, per step."""
+    [N * H_kv * L], the additive mask [N, 1, 1, L] (0 where a query sees the key, -inf past its
+    length), whether some query sees none of the chunk, and which ([N, 1, 1]). One host sync,
+    per step."""
     _, block_size, num_kv_heads, head_dim = cache.shape
 
     def build():
@@ -142,8 +146,9 @@ def _decode_plan(tables, seq_lens, cache):
             rows = (slots[:, None, :] * num_kv_heads + heads).reshape(-1)      # [N*H_kv*L]
             seen = positions < lens[:, None]                                    # [N, L]
             bias = torch.zeros(seen.shape, device=cache.device).masked_fill_(~seen, NEG_INF)
-            empty = bool((lens <= start).any())
-            chunks.append((start, end - start, rows, bias[:, None, None, :], empty))
+            none_seen = (lens <= start)[:, None, None]                          # [N, 1, 1]
+            chunks.append((start, end - start, rows, bias[:, None, None, :],
+                           bool(none_seen.any()), none_seen))
         return chunks
     return _plans.get("decode", (tables, seq_lens), (tuple(cache.shape[1:]), cache.device),
                       build)
@@ -165,14 +170,17 @@ def _attend_planned(q, k_cache, v_cache, chunks, scale):
     num_kv_heads = k_cache.shape[2]
     grouped = q.reshape(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
     out = lse = None
-    for _, length, rows, bias, empty in chunks:
+    for _, length, rows, bias, empty, none_seen in chunks:
         k, v = (cache.view(-1, head_dim).index_select(0, rows)
                 .view(num_rows, num_kv_heads, length, head_dim).float()
                 for cache in (k_cache, v_cache))
-        scores = torch.matmul(grouped, k.transpose(-1, -2)).mul_(scale).add_(bias)
-        part_lse = torch.logsumexp(scores, dim=-1)
-        shift = part_lse.masked_fill(part_lse == NEG_INF, 0.0) if empty else part_lse
-        part_out = torch.matmul(torch.exp(scores.sub_(shift.unsqueeze(-1))), v)
+        if _flash_ok(grouped):
+            part_out, part_lse = _flash(grouped, k, v, bias, none_seen, scale)
+        else:
+            scores = torch.matmul(grouped, k.transpose(-1, -2)).mul_(scale).add_(bias)
+            part_lse = torch.logsumexp(scores, dim=-1)
+            shift = part_lse.masked_fill(part_lse == NEG_INF, 0.0) if empty else part_lse
+            part_out = torch.matmul(torch.exp(scores.sub_(shift.unsqueeze(-1))), v)
         out, lse = (part_out, part_lse) if out is None else _merge_two(out, lse, part_out,
                                                                         part_lse)
     if out is None:                  # no query sees any key
@@ -230,12 +238,31 @@ def _attend(q, k, v, row_lens, scale):
     """q [N, H_kv, R, D], k/v [N, H_kv, L, D] float32; row r sees keys [0, row_lens[n, r]).
 
     Returns out [N, H_kv, R, D] (0 where a row sees nothing) and lse [N, H_kv, R] (-inf there)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)                 # [N, H_kv, R, L]
     positions = torch.arange(k.shape[2], device=q.device)
-    scores.masked_fill_(positions >= row_lens[:, None, :, None], NEG_INF)
+    hidden = positions >= row_lens[:, None, :, None]                           # [N, 1, R, L]
+    if _flash_ok(q):
+        bias = torch.zeros(hidden.shape, device=q.device).masked_fill_(hidden, NEG_INF)
+        return _flash(q, k, v, bias, (row_lens <= 0)[:, None, :], scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)                 # [N, H_kv, R, L]
+    scores.masked_fill_(hidden, NEG_INF)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores.sub_(lse.masked_fill(lse == NEG_INF, 0.0).unsqueeze(-1)))
     return torch.matmul(probs, v), lse
+
+
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _flash_ok(q) -> bool:
+    """torch's fused CPU attention (one pass, online softmax, its log-sum-exp) applies."""
+    return _FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32
+
+
+def _flash(q, k, v, bias, empty, scale):
+    """Fused CPU attention with an additive mask `bias` (0 / -inf, broadcast to [N, H_kv, R, L]);
+    rows in `empty` (broadcast to [N, H_kv, R]) see nothing: out 0, lse -inf."""
+    out, lse = _FLASH(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    return out.masked_fill_(empty[..., None], 0.0), lse.masked_fill_(empty, NEG_INF)
 
 
 def _merge_two(out_a, lse_a, out_b, lse_b):

@@ -181,6 +181,18 @@ def test_torch_backend_walks_kv_in_chunks(monkeypatch):
     run_prefill("torch", 2, 8, 32, [(37, 20), (0, 1), (9, 5)])
 
 
+def test_torch_backend_without_fused_cpu_attention(monkeypatch):
+    """Where torch's fused CPU attention is missing (or on another device) the backend's own
+    matmul-softmax path gives the same partials; chunks too."""
+    monkeypatch.setattr("kernels.reference._FLASH", None)
+    torch.manual_seed(6)
+    run_decode("torch", 4, 8, 64, [37, 0, 97, 1])
+    run_prefill("torch", 2, 8, 32, [(37, 20), (0, 1), (9, 5)])
+    monkeypatch.setattr("kernels.reference.GATHER_BUDGET", 1)
+    run_decode("torch", 2, 16, 32, [50, 0, 3])
+    run_prefill("torch", 4, 8, 64, [(20, 17), (0, 3)])
+
+
 def test_torch_backend_step_plan_is_shared_by_layers_and_redone_for_new_tables():
     """The torch backend plans a step's gathers once per block table and reuses the plan for
     every layer (another cache, the same tables); a table changed in place is planned again."""
