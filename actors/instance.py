@@ -34,7 +34,6 @@ import torch
 
 from fabric.config import FabricConfig, load_config
 from fabric.distattn import CreditorSteps, PartialJob, serve_partial
-from fabric.threads import beside_engine, release_pool
 from fabric.engine import Engine
 from fabric.errors import CapacityError, FabricError, RequestError
 from fabric.messages import CONTROL_TIMEOUT_S, Heartbeat
@@ -42,6 +41,7 @@ from fabric.model import load_model
 from fabric.prefix_cache import model_salt, prompt_hashes
 from fabric.rmanager import BlockRef
 from fabric.sequence import SamplingParams
+from fabric.threads import beside_engine, release_pool
 from actors.handoff import HandoffMixin
 from actors.metrics import InstanceMetrics
 from actors.tierstore import TierClient, get_store

@@ -30,8 +30,8 @@ def _pause():
     """libgomp's `omp_pause_resource_all`, or None (no OpenMP, another runtime, or too old)."""
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
-    for path in _loaded_gomp() + [os.path.join(os.path.dirname(torch.__file__), "lib",
-                                               "libgomp.so.1")]:
+    own = os.path.dirname(torch.__file__)       # torch's bundled copy first: the one it runs on
+    for path in sorted(_loaded_gomp(), key=lambda p: not p.startswith(own)):
         try:
             fn = ctypes.CDLL(path).omp_pause_resource_all
         except (OSError, AttributeError):
@@ -42,7 +42,8 @@ def _pause():
 
 
 def _loaded_gomp() -> list[str]:
-    """Paths of the libgomp this process has mapped (torch wheels bundle their own)."""
+    """Paths of the libgomp copies this process has mapped (torch wheels bundle their own; a
+    copy not yet mapped is not torch's, and loading it would only start another runtime)."""
     try:
         with open("/proc/self/maps") as f:
             return sorted({line.split()[-1] for line in f if "libgomp" in line})
