@@ -41,25 +41,44 @@ def paged_prefill_partial(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_le
     """Chunked-prefill attention over paged KV; shapes as in `kernels.paged_prefill_partial`."""
     if validate:
         check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens)
-    cu = cu_seqlens_q.tolist()
-    lens = kv_lens.long()
     if validate:
-        _check_prefill_values(cu, block_tables, lens, k_cache, q.shape[0])
-
+        _check_prefill_values(cu_seqlens_q.tolist(), block_tables, kv_lens.long(), k_cache,
+                              q.shape[0])
+    group = q.shape[1] // k_cache.shape[2]
+    singles, sequences = _prefill_plan(block_tables, cu_seqlens_q, kv_lens, group)
     out = q.new_zeros(q.shape)
     lse = torch.full(q.shape[:2], NEG_INF, dtype=torch.float32, device=q.device)
-    # Sequences with a single query token (decode rows of a mixed batch) go in one batch.
-    singles = [b for b in range(len(cu) - 1) if cu[b + 1] - cu[b] == 1]
-    if singles:
-        rows = torch.tensor([cu[b] for b in singles], device=q.device)
-        tables = block_tables[torch.tensor(singles, device=q.device)]
-        out[rows], lse[rows] = _attend_tokens(q[rows], k_cache, v_cache, tables, lens[rows], scale)
-    for b in range(len(cu) - 1):
-        if cu[b + 1] - cu[b] > 1:
-            rows = slice(cu[b], cu[b + 1])
-            out[rows], lse[rows] = _attend_sequence(q[rows], k_cache, v_cache, block_tables[b],
-                                                    lens[rows], scale)
+    if singles is not None:      # sequences with one query token (decode rows), in one batch
+        rows, tables, lens = singles
+        out[rows], lse[rows] = paged_attention_partial(q[rows], k_cache, v_cache, tables, lens,
+                                                       scale, validate=False)
+    for rows, table, row_lens, max_len in sequences:
+        out[rows], lse[rows] = _attend_sequence(q[rows], k_cache, v_cache, table, row_lens, scale,
+                                                max_len)
     return out, lse
+
+
+def _prefill_plan(block_tables, cu_seqlens_q, kv_lens, group: int):
+    """A mixed step's split, once per step (the only host syncs): the single-token sequences
+    (their rows, tables and lengths, or None) and, per longer sequence, its rows, its table
+    [1, M], its rows' lengths per (token, group row) [1, T * group] and their maximum."""
+    def build():
+        cu = cu_seqlens_q.tolist()
+        lens = kv_lens.long()
+        dev = kv_lens.device
+        ones = [b for b in range(len(cu) - 1) if cu[b + 1] - cu[b] == 1]
+        singles = None
+        if ones:
+            rows = torch.tensor([cu[b] for b in ones], device=dev)
+            singles = (rows, block_tables[torch.tensor(ones, device=dev)], kv_lens[rows])
+        sequences = []
+        for b in range(len(cu) - 1):
+            if cu[b + 1] - cu[b] > 1:
+                row_lens = lens[cu[b]:cu[b + 1]]
+                sequences.append((slice(cu[b], cu[b + 1]), block_tables[b][None],
+                                  row_lens.repeat_interleave(group)[None], int(row_lens.max())))
+        return singles, sequences
+    return _plans.get("prefill", (block_tables, cu_seqlens_q, kv_lens), (group,), build)
 
 
 def merge_attention_states(outs, lses, validate=True):
@@ -200,28 +219,30 @@ def _attend_tokens(q, k_cache, v_cache, tables, lens, scale):
     return out.reshape(num_rows, num_heads, head_dim).to(q.dtype), lse.reshape(num_rows, num_heads)
 
 
-def _attend_sequence(q, k_cache, v_cache, table, lens, scale):
-    """Query tokens of one sequence: q [T, H, D], table [M], lens [T] -> out, lse [T, H]."""
+def _attend_sequence(q, k_cache, v_cache, table, row_lens, scale, max_len):
+    """Query tokens of one sequence: q [T, H, D], table [1, M], row_lens [1, T * group] (per
+    token and group row, as `_prefill_plan`), their maximum -> out, lse [T, H]."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     rows = q.float().reshape(num_tokens, num_kv_heads, group, head_dim).transpose(0, 1)
     rows = rows.reshape(1, num_kv_heads, num_tokens * group, head_dim)       # row = (token, g)
-    out, lse = _attend_paged(rows, k_cache, v_cache, table[None],
-                             lens.repeat_interleave(group)[None], scale)
+    out, lse = _attend_paged(rows, k_cache, v_cache, table, row_lens, scale, max_len)
     out = out.reshape(num_kv_heads, num_tokens, group, head_dim).transpose(0, 1)
     lse = lse.reshape(num_kv_heads, num_tokens, group).transpose(0, 1)
     return out.reshape(num_tokens, num_heads, head_dim).to(q.dtype), lse.reshape(num_tokens, -1)
 
 
-def _attend_paged(q, k_cache, v_cache, tables, row_lens, scale):
-    """q [N, H_kv, R, D] float32; row r of n sees the first row_lens[n, r] tokens of tables[n].
+def _attend_paged(q, k_cache, v_cache, tables, row_lens, scale, max_len=None):
+    """q [N, H_kv, R, D] float32; row r of n sees the first row_lens[n, r] tokens of tables[n]
+    (`max_len`: their maximum, when the caller knows it).
 
     Walks the KV in chunks (whole blocks) so that gathered K/V and scores stay within their
     budgets, merging chunk partials exactly. -> out [N, H_kv, R, D], lse [N, H_kv, R]."""
     num_rows, num_kv_heads, rows_per, head_dim = q.shape
     block_size = k_cache.shape[1]
-    max_len = int(row_lens.max()) if row_lens.numel() else 0
+    if max_len is None:
+        max_len = int(row_lens.max()) if row_lens.numel() else 0
     per_token = max(1, num_rows * num_kv_heads * max(head_dim, rows_per))
     chunk = max(1, min(GATHER_BUDGET, SCORE_BUDGET) // per_token // block_size) * block_size
     out = q.new_zeros(q.shape)
