@@ -41,7 +41,6 @@ def paged_prefill_partial(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_le
     """Chunked-prefill attention over paged KV; shapes as in `kernels.paged_prefill_partial`."""
     if validate:
         check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens)
-    if validate:
         _check_prefill_values(cu_seqlens_q.tolist(), block_tables, kv_lens.long(), k_cache,
                               q.shape[0])
     group = q.shape[1] // k_cache.shape[2]
