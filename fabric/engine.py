@@ -286,7 +286,7 @@ class Engine:
         return new, finished
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
-        stopped = seq.detok is not None and seq.detok.step(seq.tokens)
+        stopped = seq.detok is not None and seq.detok.step(seq.token_view)
         if stopped or tok in seq.params.stop_token_ids or \
                 (not seq.params.ignore_eos and tok in self.eos_token_ids):
             return "stop"

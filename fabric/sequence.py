@@ -94,6 +94,11 @@ class Sequence:
         return len(self.prompt) + len(self.output)
 
     @property
+    def token_view(self) -> "TokenView":
+        """`tokens` as `len` and slices only, without building the whole list."""
+        return TokenView(self)
+
+    @property
     def max_tokens(self) -> int:
         return len(self.prompt) + self.params.max_new_tokens
 
@@ -110,3 +115,22 @@ class Sequence:
                 "num_prompt_tokens": len(self.prompt), "num_output_tokens": n,
                 "num_preemptions": self.num_preemptions, "cached_tokens": self.cached_tokens,
                 **self.tier}
+
+
+class TokenView:
+    """A sequence's tokens (prompt + output) for readers that take `len` and slices: each
+    slice is built from the two lists (`Sequence.token_range`), never the whole concatenation.
+    The detokenizer reads a few tokens per generated token through one."""
+    __slots__ = ("seq",)
+
+    def __init__(self, seq: Sequence):
+        self.seq = seq
+
+    def __len__(self) -> int:
+        return self.seq.num_tokens
+
+    def __getitem__(self, index: slice) -> list[int]:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("a token view takes slices with step 1")
+        return self.seq.token_range(start, max(start, stop))

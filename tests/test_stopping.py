@@ -52,6 +52,31 @@ def test_incremental_text_is_whole_characters_and_the_full_text():
     assert sum(1 for d in deltas if d) < len(output)     # some tokens carried half a character
 
 
+def test_token_view_slices_like_the_token_list_and_detokenizes_the_same():
+    """`Sequence.token_view` (what the engine hands the detokenizer) slices as prompt + output
+    would, and the text it gives, stop string and all, is the list's."""
+    from fabric.sequence import Sequence
+
+    rng = random.Random(7)
+    prompt = TOK.encode("Q: tell me ")
+    output = list("naïve, done. ok".encode("utf-8"))
+    seq = Sequence("r", list(prompt), SamplingParams(max_new_tokens=len(output)))
+    by_view = Detokenizer(TOK, len(prompt), (", done",))
+    by_list = Detokenizer(TOK, len(prompt), (", done",))
+    for tok in output:
+        seq.output.append(tok)
+        view, full = seq.token_view, seq.tokens
+        assert len(view) == len(full)
+        for _ in range(5):
+            a, b = rng.randrange(-3, len(full) + 3), rng.randrange(-3, len(full) + 3)
+            assert view[a:b] == full[a:b] and view[a:] == full[a:] and view[:b] == full[:b]
+        assert by_view.step(view) == by_list.step(full)
+        assert by_view.take_delta() == by_list.take_delta()
+    assert by_view.text == by_list.text == "naïve" and by_view.stopped
+    with pytest.raises(ValueError):
+        seq.token_view[::2]
+
+
 def test_each_token_decodes_a_short_window():
     tok = CountingTokenizer()
     prompt = tok.encode("x" * 50)
