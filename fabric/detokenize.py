@@ -20,7 +20,8 @@ class Detokenizer:
     """Text of one request's output, built token by token.
 
     `step(tokens)` takes the request's tokens (prompt + output: a list, or anything with `len`
-    and slices, such as `Sequence.token_view`) after a token was appended and returns True when a stop string matched (the text is then cut before it).
+    and slices, such as `Sequence.token_view`) after a token was appended and returns True
+    when a stop string matched (the text is then cut before it).
     `take_delta()` returns the text not yet handed out that is safe to show."""
 
     __slots__ = ("tokenizer", "stop", "hold", "prefix_offset", "read_offset", "text", "emitted",
