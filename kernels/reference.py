@@ -142,18 +142,17 @@ _plans = _Plans()
 
 
 def _decode_plan(tables, seq_lens, cache):
-    """Per chunk of whole blocks (as `_attend_paged`): the rows of `cache.view(-1, D)` to gather
-    [N * H_kv * L], the additive mask [N, 1, 1, L] (0 where a query sees the key, -inf past its
-    length), whether some query sees none of the chunk, and which ([N, 1, 1]). One host sync,
-    per step."""
+    """Per chunk of whole blocks (as `_attend_paged`): its length L, the rows of
+    `cache.view(-1, D)` to gather [N * H_kv * L], the additive mask [N, 1, 1, L] (0 where a query
+    sees the key, -inf past its length), and the queries that see none of it ([N, 1, 1], or
+    None when all see some). One host sync, per step."""
     _, block_size, num_kv_heads, head_dim = cache.shape
 
     def build():
         lens = seq_lens.long()
         num_rows = tables.shape[0]
         max_len = int(lens.max())
-        per_token = max(1, num_rows * num_kv_heads * head_dim)
-        chunk = max(1, min(GATHER_BUDGET, SCORE_BUDGET) // per_token // block_size) * block_size
+        chunk = _chunk_tokens(num_rows, num_kv_heads, 1, head_dim, block_size)
         heads = torch.arange(num_kv_heads, device=cache.device)[:, None]
         chunks = []
         for start in range(0, max_len, chunk):
@@ -165,8 +164,8 @@ def _decode_plan(tables, seq_lens, cache):
             seen = positions < lens[:, None]                                    # [N, L]
             bias = torch.zeros(seen.shape, device=cache.device).masked_fill_(~seen, NEG_INF)
             none_seen = (lens <= start)[:, None, None]                          # [N, 1, 1]
-            chunks.append((start, end - start, rows, bias[:, None, None, :],
-                           bool(none_seen.any()), none_seen))
+            chunks.append((end - start, rows, bias[:, None, None, :],
+                           none_seen if bool(none_seen.any()) else None))
         return chunks
     return _plans.get("decode", (tables, seq_lens), (tuple(cache.shape[1:]), cache.device),
                       build)
@@ -188,17 +187,11 @@ def _attend_planned(q, k_cache, v_cache, chunks, scale):
     num_kv_heads = k_cache.shape[2]
     grouped = q.reshape(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
     out = lse = None
-    for _, length, rows, bias, empty, none_seen in chunks:
+    for length, rows, bias, none_seen in chunks:
         k, v = (cache.view(-1, head_dim).index_select(0, rows)
                 .view(num_rows, num_kv_heads, length, head_dim).float()
                 for cache in (k_cache, v_cache))
-        if _flash_ok(grouped):
-            part_out, part_lse = _flash(grouped, k, v, bias, none_seen, scale)
-        else:
-            scores = torch.matmul(grouped, k.transpose(-1, -2)).mul_(scale).add_(bias)
-            part_lse = torch.logsumexp(scores, dim=-1)
-            shift = part_lse.masked_fill(part_lse == NEG_INF, 0.0) if empty else part_lse
-            part_out = torch.matmul(torch.exp(scores.sub_(shift.unsqueeze(-1))), v)
+        part_out, part_lse = _partial(grouped, k, v, bias, none_seen, scale)
         out, lse = (part_out, part_lse) if out is None else _merge_two(out, lse, part_out,
                                                                         part_lse)
     if out is None:                  # no query sees any key
@@ -242,8 +235,7 @@ def _attend_paged(q, k_cache, v_cache, tables, row_lens, scale, max_len=None):
     block_size = k_cache.shape[1]
     if max_len is None:
         max_len = int(row_lens.max()) if row_lens.numel() else 0
-    per_token = max(1, num_rows * num_kv_heads * max(head_dim, rows_per))
-    chunk = max(1, min(GATHER_BUDGET, SCORE_BUDGET) // per_token // block_size) * block_size
+    chunk = _chunk_tokens(num_rows, num_kv_heads, rows_per, head_dim, block_size)
     out = q.new_zeros(q.shape)
     lse = q.new_full(q.shape[:3], NEG_INF)
     for start in range(0, max_len, chunk):
@@ -254,35 +246,42 @@ def _attend_paged(q, k_cache, v_cache, tables, row_lens, scale, max_len=None):
     return out, lse
 
 
+def _chunk_tokens(num_rows, num_kv_heads, rows_per, head_dim, block_size) -> int:
+    """KV tokens attended at once (whole blocks) within the gather and score budgets."""
+    per_token = max(1, num_rows * num_kv_heads * max(head_dim, rows_per))
+    return max(1, min(GATHER_BUDGET, SCORE_BUDGET) // per_token // block_size) * block_size
+
+
 def _attend(q, k, v, row_lens, scale):
     """q [N, H_kv, R, D], k/v [N, H_kv, L, D] float32; row r sees keys [0, row_lens[n, r]).
 
     Returns out [N, H_kv, R, D] (0 where a row sees nothing) and lse [N, H_kv, R] (-inf there)."""
     positions = torch.arange(k.shape[2], device=q.device)
     hidden = positions >= row_lens[:, None, :, None]                           # [N, 1, R, L]
-    if _flash_ok(q):
-        bias = torch.zeros(hidden.shape, device=q.device).masked_fill_(hidden, NEG_INF)
-        return _flash(q, k, v, bias, (row_lens <= 0)[:, None, :], scale)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)                 # [N, H_kv, R, L]
-    scores.masked_fill_(hidden, NEG_INF)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores.sub_(lse.masked_fill(lse == NEG_INF, 0.0).unsqueeze(-1)))
-    return torch.matmul(probs, v), lse
+    bias = torch.zeros(hidden.shape, device=q.device).masked_fill_(hidden, NEG_INF)
+    return _partial(q, k, v, bias, (row_lens <= 0)[:, None, :], scale)
 
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _flash_ok(q) -> bool:
-    """torch's fused CPU attention (one pass, online softmax, its log-sum-exp) applies."""
-    return _FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32
+def _partial(q, k, v, bias, empty, scale):
+    """Attention of q [N, H_kv, R, D] over k/v [N, H_kv, L, D] (float32) with an additive mask
+    `bias` (0 / -inf, broadcast to [N, H_kv, R, L]) -> out, lse [N, H_kv, R]. The rows in
+    `empty` (broadcast to [N, H_kv, R]; None: there are none) see nothing: out 0, lse -inf.
 
-
-def _flash(q, k, v, bias, empty, scale):
-    """Fused CPU attention with an additive mask `bias` (0 / -inf, broadcast to [N, H_kv, R, L]);
-    rows in `empty` (broadcast to [N, H_kv, R]) see nothing: out 0, lse -inf."""
-    out, lse = _FLASH(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-    return out.masked_fill_(empty[..., None], 0.0), lse.masked_fill_(empty, NEG_INF)
+    On CPU torch's fused attention (one pass, online softmax, its log-sum-exp); elsewhere, or
+    where torch lacks it, matmul and an exact softmax."""
+    if _FLASH is not None and q.device.type == "cpu":
+        out, lse = _FLASH(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        if empty is not None:
+            out.masked_fill_(empty[..., None], 0.0)
+            lse.masked_fill_(empty, NEG_INF)
+        return out, lse
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)     # [N, H_kv, R, L]
+    lse = torch.logsumexp(scores, dim=-1)
+    shift = lse if empty is None else lse.masked_fill(lse == NEG_INF, 0.0)
+    return torch.matmul(torch.exp(scores.sub_(shift.unsqueeze(-1))), v), lse
 
 
 def _merge_two(out_a, lse_a, out_b, lse_b):
