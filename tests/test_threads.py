@@ -12,17 +12,28 @@ import torch
 
 from fabric import threads
 
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+
 
 def tasks() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
-def test_release_pool_hands_back_the_threads_team():
+def in_new_thread(fn) -> None:
+    """Run `fn` in a fresh thread with 2 torch threads (a team needs two, even on one core)."""
     if "OpenMP" not in torch.__config__.parallel_info() or threads._pause() is None:
         pytest.skip("torch here does not run on libgomp")
     old = torch.get_num_threads()
-    torch.set_num_threads(2)        # a team needs two threads, even on one core
+    torch.set_num_threads(2)
+    try:
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_release_pool_hands_back_the_threads_team():
     seen = {}
 
     def work():
@@ -37,22 +48,15 @@ def test_release_pool_hands_back_the_threads_team():
         seen["again"] = tasks()
         threads.release_pool()
 
-    try:
-        t = threading.Thread(target=work)
-        t.start()
-        t.join()
-    finally:
-        torch.set_num_threads(old)
+    in_new_thread(work)
     assert seen["released"] is True
     assert seen["with_team"] > seen["before"]
     assert seen["after"] < seen["with_team"]
     assert seen["again"] > seen["after"]
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
 def test_beside_engine_releases_after_the_call_and_keeps_its_result():
-    if "OpenMP" not in torch.__config__.parallel_info() or threads._pause() is None:
-        pytest.skip("torch here does not run on libgomp")
+    seen = {}
 
     @threads.beside_engine
     def work(a):
@@ -60,19 +64,11 @@ def test_beside_engine_releases_after_the_call_and_keeps_its_result():
         seen["inside"] = tasks()
         return a.shape
 
-    old, seen = torch.get_num_threads(), {}
-    torch.set_num_threads(2)
-
     def run():
         seen["before"] = tasks()
         seen["result"] = work(torch.randn(512, 512))
         seen["after"] = tasks()
 
-    try:
-        t = threading.Thread(target=run)
-        t.start()
-        t.join()
-    finally:
-        torch.set_num_threads(old)
+    in_new_thread(run)
     assert seen["result"] == (512, 512) and work.__name__ == "work"
     assert seen["inside"] > seen["before"] and seen["after"] < seen["inside"]
