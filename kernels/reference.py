@@ -142,29 +142,27 @@ _plans = _Plans()
 
 
 def _decode_plan(tables, seq_lens, cache):
-    """Per chunk of whole blocks (as `_attend_paged`): its length L, the rows of
-    `cache.view(-1, D)` to gather [N * H_kv * L], the additive mask [N, 1, 1, L] (0 where a query
-    sees the key, -inf past its length), and the queries that see none of it ([N, 1, 1], or
-    None when all see some). One host sync, per step."""
-    _, block_size, num_kv_heads, head_dim = cache.shape
+    """Per chunk of whole blocks (as `_attend_paged`): its length L (whole blocks), the pages to
+    gather [N, L / block_size], the additive mask [N, 1, 1, L] (0 where a query sees the key,
+    -inf past its length), and the queries that see none of it ([N, 1, 1], or None when all see
+    some). One host sync, per step."""
+    block_size = cache.shape[1]
 
     def build():
         lens = seq_lens.long()
         num_rows = tables.shape[0]
         max_len = int(lens.max())
-        chunk = _chunk_tokens(num_rows, num_kv_heads, 1, head_dim, block_size)
-        heads = torch.arange(num_kv_heads, device=cache.device)[:, None]
+        chunk = _chunk_tokens(num_rows, cache.shape[2], 1, cache.shape[3], block_size)
         chunks = []
         for start in range(0, max_len, chunk):
             end = min(start + chunk, max_len)
-            positions = torch.arange(start, end, device=cache.device)
-            pages = tables[:, positions // block_size].long().clamp_min(0)      # [N, L]
-            slots = pages * block_size + positions % block_size
-            rows = (slots[:, None, :] * num_kv_heads + heads).reshape(-1)      # [N*H_kv*L]
+            pages = _pages(tables, start, end, block_size)                     # [N, L / bs]
+            positions = torch.arange(start, start + pages.shape[1] * block_size,
+                                     device=cache.device)
             seen = positions < lens[:, None]                                    # [N, L]
             bias = torch.zeros(seen.shape, device=cache.device).masked_fill_(~seen, NEG_INF)
             none_seen = (lens <= start)[:, None, None]                          # [N, 1, 1]
-            chunks.append((end - start, rows, bias[:, None, None, :],
+            chunks.append((pages, bias[:, None, None, :],
                            none_seen if bool(none_seen.any()) else None))
         return chunks
     return _plans.get("decode", (tables, seq_lens), (tuple(cache.shape[1:]), cache.device),
@@ -181,16 +179,14 @@ def _write_plan(slot_mapping):
 
 
 def _attend_planned(q, k_cache, v_cache, chunks, scale):
-    """`_attend_tokens` with the step's plan: per chunk two gathers, the scores, the mask added,
-    the exact softmax partial; chunks merged exactly."""
+    """`_attend_tokens` with the step's plan (contiguous caches): per chunk two gathers of whole
+    blocks, the masked attention partial; chunks merged exactly."""
     num_rows, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     grouped = q.reshape(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
     out = lse = None
-    for length, rows, bias, none_seen in chunks:
-        k, v = (cache.view(-1, head_dim).index_select(0, rows)
-                .view(num_rows, num_kv_heads, length, head_dim).float()
-                for cache in (k_cache, v_cache))
+    for pages, bias, none_seen in chunks:
+        k, v = (_gather_pages(cache, pages) for cache in (k_cache, v_cache))
         part_out, part_lse = _partial(grouped, k, v, bias, none_seen, scale)
         out, lse = (part_out, part_lse) if out is None else _merge_two(out, lse, part_out,
                                                                         part_lse)
@@ -293,22 +289,34 @@ def _merge_two(out_a, lse_a, out_b, lse_b):
 
 
 def _gather(cache, tables, start, end):
-    """Tokens [start, end) of each table: cache [num_blocks, bs, H_kv, D], tables [N, M] ->
-    float32 [N, H_kv, end - start, D]; positions past a table's use read block 0 (masked later).
-
-    One index_select of D-element rows straight into head-major order (no second transpose
-    copy); a cache that is not contiguous takes the slower two-index gather."""
-    _, block_size, num_kv_heads, head_dim = cache.shape
+    """Tokens [start, end) of each table, `start` on a block boundary: cache [num_blocks, bs,
+    H_kv, D], tables [N, M] -> float32 [N, H_kv, L, D], L = end - start rounded up to whole
+    blocks (a contiguous cache) or exactly (one that is not); positions past a table's use read
+    block 0. Either way the caller masks every position past a row's length."""
+    block_size = cache.shape[1]
+    if cache.is_contiguous():
+        return _gather_pages(cache, _pages(tables, start, end, block_size))
     positions = torch.arange(start, end, device=cache.device)
     pages = tables[:, positions // block_size].long().clamp_min(0)            # [N, L]
-    if not cache.is_contiguous():
-        tokens = cache[pages, positions % block_size]                          # [N, L, H_kv, D]
-        return tokens.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-    slots = pages * block_size + positions % block_size
-    heads = torch.arange(num_kv_heads, device=cache.device)[:, None]
-    rows = slots[:, None, :] * num_kv_heads + heads                            # [N, H_kv, L]
-    gathered = cache.view(-1, head_dim).index_select(0, rows.view(-1))
-    return gathered.view(len(tables), num_kv_heads, end - start, head_dim).float()
+    tokens = cache[pages, positions % block_size]                              # [N, L, H_kv, D]
+    return tokens.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+
+
+def _pages(tables, start, end, block_size):
+    """The blocks holding tokens [start, end) of each table (`start` on a block boundary), -1
+    (unused) read as block 0: [N, ceil(end / bs) - start / bs]."""
+    first, stop = start // block_size, -(-end // block_size)
+    return tables[:, first:stop].long().clamp_min(0)
+
+
+def _gather_pages(cache, pages):
+    """Whole blocks `pages` [N, P] of a contiguous cache [num_blocks, bs, H_kv, D] in one
+    index_select of block-sized rows -> float32 [N, H_kv, P * bs, D], head-major as a strided view
+    (the attention kernels read strides; only the last dimension must be dense)."""
+    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+    blocks = cache.view(num_blocks, -1).index_select(0, pages.reshape(-1))
+    tokens = blocks.view(pages.shape[0], pages.shape[1] * block_size, num_kv_heads, head_dim)
+    return tokens.transpose(1, 2).float()
 
 
 def _check_tables(tables, lens, cache, what: str) -> None:
