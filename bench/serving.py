@@ -25,12 +25,15 @@ one short request per instance first. vLLM (skipped with `--no-peers`, or when
 all three workloads, after every fabric is shut down, requests added to its engine at their
 arrival times (`arrivals: true`), blocks of 32 (vLLM's CPU attention takes multiples of 32
 only, so 16 is refused). vLLM's scheduler keeps its CPU defaults (256 sequences, 4096 tokens
-per step); the fabric's are 32 sequences and 512 tokens per step.
+per step); the fabric runs with the same 4096 tokens per step (and 32 sequences, all a run
+has).
 
 `throughput_vs_vllm`: the best fabric arm's tokens/s on `fixed` over vLLM's;
 `one_request_vs_vllm`: the best arm's one-request decode tokens/s over vLLM's (both null
 without vLLM). `split_step_ratio`: a decode step with the KV over 3 instances over one with it
-all local, from bench.distattn's `decode_profile` at its `--quick` size (tiny-llama).
+all local (tiny-llama, bench.distattn's `--quick` sizes): the median TPOT of `SPLIT_RUNS`
+requests on each fabric, since one run of a few-millisecond step moves several-fold with
+whatever else the two cores run.
 `outputs_match`: per workload, how many requests' outputs differ between the arms and between
 the 1-instance arm and vLLM.
 """
@@ -41,6 +44,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -56,10 +60,11 @@ from bench.report import print_table, write_json
 
 ARMS = (1, 2)                   # fabric instances
 KV_BLOCKS = 1200                # per instance: a whole fixed batch on one instance
-MAX_BATCH_TOKENS = 512          # as bench.prefix
+MAX_BATCH_TOKENS = 4096         # vLLM's CPU default: both schedulers take the same step budget
 VLLM_BLOCK_SIZE = 32            # the smallest vLLM's CPU attention takes
 NAMES = ("fixed", "one_request", "burstgpt")
 DROP = ("outputs",)             # per-request outputs are compared, not stored
+SPLIT_RUNS, SPLIT_NEW_TOKENS = 5, 36
 GOALS = {"throughput_vs_vllm": ">= 1.3", "one_request_vs_vllm": ">= 1.0",
          "split_step_ratio": "<= 1.5"}
 
@@ -138,25 +143,30 @@ def fabric_runs(loads: list[dict]) -> list[dict]:
 
 
 def split_step() -> dict:
-    """bench.distattn's split-step ratio at its --quick size: per-token decode time of one
-    request whose KV spans 3 instances over that of the same request on one instance."""
+    """The split-step ratio: per-token decode time of one request whose KV spans 3 instances
+    over that of the same request on one instance, each the median of `SPLIT_RUNS` runs."""
     import ray
 
-    kv_blocks, block, n_new = 48, 16, 16
-    prompt = distattn.prompt_of(random.Random(2), int(0.9 * 3 * kv_blocks * block) - n_new)
+    kv_blocks, block = 48, 16
+    prompt = distattn.prompt_of(random.Random(2),
+                                int(0.9 * 3 * kv_blocks * block) - SPLIT_NEW_TOKENS)
     ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False,
              configure_logging=False)          # as bench.distattn: 2 Ray CPUs per instance
+    runs = {}
     try:
-        with fabric.start(distattn.base_config(3, kv_blocks, block)) as fab:
-            split = distattn.decode_profile(fab, prompt, 4, 4 + n_new)
-        with fabric.start(distattn.base_config(1, 3 * kv_blocks, block)) as fab:
-            local = distattn.decode_profile(fab, prompt, 4, 4 + n_new)
+        for name, count, blocks in (("split", 3, kv_blocks), ("local", 1, 3 * kv_blocks)):
+            with fabric.start(distattn.base_config(count, blocks, block)) as fab:
+                fab.generate([prompt], max_new_tokens=4, ignore_eos=True)       # warm
+                runs[name] = [fab.generate([prompt], max_new_tokens=SPLIT_NEW_TOKENS,
+                                           ignore_eos=True)[0].metrics["tpot_s"]
+                              for _ in range(SPLIT_RUNS)]
     finally:
         ray.shutdown()
-    return {"split_step_ratio": split["tpot_s"] / local["tpot_s"],
-            "tpot_split_s": split["tpot_s"], "tpot_local_s": local["tpot_s"],
+    split, local = (statistics.median(runs[k]) for k in ("split", "local"))
+    return {"split_step_ratio": split / local, "tpot_split_s": split, "tpot_local_s": local,
+            "tpot_split_runs_s": runs["split"], "tpot_local_runs_s": runs["local"],
             "context_tokens": len(prompt), "instances": 3, "kv_blocks": kv_blocks,
-            "block_size": block, "new_tokens": 4 + n_new}
+            "block_size": block, "new_tokens": SPLIT_NEW_TOKENS}
 
 
 def vllm_runs(quick: bool) -> tuple[list[dict], str | None]:
