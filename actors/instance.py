@@ -41,7 +41,7 @@ from fabric.model import load_model
 from fabric.prefix_cache import model_salt, prompt_hashes
 from fabric.rmanager import BlockRef
 from fabric.sequence import SamplingParams
-from fabric.threads import beside_engine, release_pool
+from fabric.threads import release_pool
 from actors.handoff import HandoffMixin
 from actors.metrics import InstanceMetrics
 from actors.tierstore import TierClient, get_store
@@ -704,10 +704,10 @@ class InstanceActor(HandoffMixin, TransportHost):
         """The books changed: tell the ledger now rather than at the next periodic beat."""
         self._tell_controller("heartbeat", self.heartbeat())
 
-    @beside_engine
     def serve_transport(self, src: int, meta: dict, tensors: list[torch.Tensor]):
         """A debtor's attention micro-task over blocks this instance holds for it; or, when
-        replicas leave, KV blocks moving between instances (see actors/handoff.py)."""
+        replicas leave, KV blocks moving between instances (see actors/handoff.py). The serving
+        thread hands back its OpenMP team when it falls idle (actors/transport.py)."""
         if meta.get("op") in ("kv_read", "kv_stage"):
             return self.serve_kv(src, meta, tensors)
         if meta.get("op") != "attn":

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from actors.messages import WireError, decode, decode_split, encode, encode_split
 from fabric.errors import FabricError
+from fabric.threads import release_pool
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +462,8 @@ class TorchTransport(_Endpoint):
                     except WireError as e:
                         ok, meta, tensors = False, {"error": str(e)}, []
                 self._send_reply(src, ok, call_id, meta, tensors)
+                if not recv.is_completed():      # idle: hand back the OpenMP team, off the
+                    release_pool()               # caller's wait (fabric/threads.py)
             except _Unreceivable as e:           # nothing more of this peer can be trusted
                 self._drop_peer(src, e.error)
                 return
@@ -718,7 +721,10 @@ class RayTransport(_Endpoint):
             return False, envelope, region.numpy()
         self._count(bytes_received=len(envelope) + payload.nbytes)
         try:
-            ok, meta, tensors = self._serve(src, *decode_split(envelope, _from_numpy(payload)))
+            try:
+                ok, meta, tensors = self._serve(src, *decode_split(envelope, _from_numpy(payload)))
+            finally:
+                release_pool()           # Ray's thread: before the reply (fabric/threads.py)
             envelope, region = encode_split(meta, tensors)
             self._check_outgoing(src, len(envelope) + region.numel(), "a reply")
         except WireError as e:

@@ -54,6 +54,11 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
             and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
 
 
+def tasks() -> int:
+    """Threads of this process."""
+    return len(os.listdir("/proc/self/task"))
+
+
 @ray.remote(**transport_actor_options())
 class Peer(TransportHost):
     def __init__(self, rank: int):
@@ -72,10 +77,20 @@ class Peer(TransportHost):
             return {"not plain": object()}, []
         if op == "grow":
             return {}, [torch.zeros(int(meta["nbytes"]), dtype=torch.uint8)]
+        if op == "team":     # a parallel op on two threads: this serving thread forks a team
+            before = tasks()
+            torch.set_num_threads(2)
+            a = torch.randn(512, 512)
+            (a @ a).exp_()
+            torch.set_num_threads(1)
+            return {"before": before, "with_team": tasks()}, []
         raise ValueError(f"unknown op {op!r}")
 
     def call(self, dst, meta, tensors):
         return self.transport.call(dst, meta, tensors)
+
+    def tasks(self) -> int:
+        return tasks()
 
     def state(self) -> dict:
         t = self.transport
@@ -293,6 +308,19 @@ def test_handler_error_comes_back_and_link_survives(group):
     with pytest.raises(TransportError, match="rank 1 failed .* meta must hold plain values"):
         get(actors[0].call.remote(1, {"op": "bad_reply"}, []))
     assert get(actors[0].call.remote(2, {"op": "echo"}, []))[0]["rank"] == 2
+
+
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info()
+                    or not os.path.isdir("/proc/self/task"), reason="needs libgomp and /proc")
+def test_serving_thread_hands_back_its_openmp_team(group):
+    """A handler's parallel op forks its serving thread a team of OpenMP workers; the thread
+    hands it back once it has answered (torch: when no next request waits; ray: before the
+    reply), so an instance's engine loop keeps the process's only team (fabric/threads.py)."""
+    _, actors = group
+    meta, _ = get(actors[0].call.remote(1, {"op": "team"}, []))
+    assert meta["with_team"] > meta["before"]
+    assert wait_for(lambda: get(actors[1].tasks.remote()) <= meta["before"])
+    assert get(actors[0].call.remote(1, {"op": "echo"}, []))[0]["rank"] == 1
 
 
 def test_stats_count_bytes(group):
