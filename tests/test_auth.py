@@ -20,7 +20,7 @@ import textwrap
 import time
 
 import pytest
-from ray_head import free_port, proxy_start_failed, stop_head
+from ray_head import PROXY_ATTEMPTS, free_port, proxy_start_failed, stop_head
 
 pytest.importorskip("ray")
 
@@ -156,7 +156,7 @@ def test_token_mode_chosen_from_the_cluster(ray_head, via):
             print("FABRICERROR", e)
     """
     env = without(ray_head["env"], "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-    for _ in range(2):
+    for _ in range(PROXY_ATTEMPTS):
         res = run(code, env, timeout=180)
         if not proxy_start_failed(res.stdout + res.stderr):
             break

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from ray_head import WORKER_PORTS, proxy_start_failed, submit_job
+from ray_head import PROXY_ATTEMPTS, WORKER_PORTS, proxy_start_failed, submit_job
 
 @pytest.fixture(scope="module")
 def head(ray_head):
@@ -16,7 +16,7 @@ def head(ray_head):
 
 
 def run_driver(code: str, env: dict, timeout: int = 180) -> str:
-    for attempt in range(2):
+    for attempt in range(PROXY_ATTEMPTS):
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, timeout=timeout)
         if res.returncode == 0 or not proxy_start_failed(res.stderr):
