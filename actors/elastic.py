@@ -81,7 +81,9 @@ class ElasticManager:
         self.controller = ray.get_actor(controller_name, namespace=namespace)
         self.stores: dict[str, object] = {}          # node id -> WeightStore actor
         self.store_costs: dict[str, dict] = {}
-        self.publish_lock = threading.Lock()
+        self.publish_lock = threading.Lock()          # stores, publishing, reading
+        self.publishing: dict[str, threading.Event] = {}   # node id -> set once it published
+        self.reading: threading.Event | None = None   # a node reads the checkpoint: set when done
         self.scale_lock = threading.Lock()           # one scale event at a time
         self.names: list[str] = []                    # rank -> actor name
         self.handles: list = []
@@ -166,34 +168,86 @@ class ElasticManager:
     # ---- weights -------------------------------------------------------------------------
     def weights_for(self, node_id: str) -> tuple[dict, dict]:
         """The node's published weights for a replica starting there, and what publishing cost
-        (charged once, to the first replica of the node)."""
+        (charged once, to the first replica of the node). Nodes publish side by side: the
+        first reads the checkpoint, the others copy it node to node once it is out (never from
+        disk twice); replicas of a node that is publishing wait for it."""
         wait_s = self.cfg.instances.startup_timeout_s      # a checkpoint may take minutes
-        with self.publish_lock:          # one node publishes at a time: later ones copy
-            if node_id in self.stores:
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self.publish_lock:
+                store = self.stores.get(node_id)
+                busy = self.publishing.get(node_id)
+                if store is None and busy is None:
+                    busy = self.publishing[node_id] = threading.Event()
+                    break                                   # this call publishes the node
+            if store is not None:
                 try:
-                    return ray.get(self.stores[node_id].manifest.remote(), timeout=60), \
+                    return ray.get(store.manifest.remote(), timeout=60), \
                         {"bytes_copied": 0, "bytes_loaded_from_disk": 0}
                 except Exception:                 # the store died: publish the node anew
-                    self.stores.pop(node_id, None)
-            store = ray.remote(WeightStore).options(
-                name=self._store_name(node_id), namespace=self.namespace, get_if_exists=True,
-                num_cpus=0, lifetime="detached" if self.detached else None,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(dataclasses.asdict(self.cfg.model))
-            cost = None
-            for peer_node, peer in [(n, s) for n, s in self.stores.items() if n != node_id]:
-                try:             # a live copy exists: pull it node to node, never from disk
-                    manifest = ray.get(peer.manifest.remote(), timeout=60)
-                except Exception:            # that peer's node is gone: try the next
-                    self.stores.pop(peer_node, None)
+                    with self.publish_lock:
+                        if self.stores.get(node_id) is store:
+                            self.stores.pop(node_id)
                     continue
-                cost = ray.get(store.copy_from.remote(manifest), timeout=wait_s)
-                break
-            if cost is None:
-                cost = ray.get(store.load.remote(), timeout=wait_s)
-            self.stores[node_id] = store
-            self.store_costs[node_id] = cost
-            return ray.get(store.manifest.remote(), timeout=wait_s), cost
+            if not busy.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"node {node_id[:16]}: its weights were not published "
+                                   f"within instances.startup_timeout_s={wait_s:g}")
+        try:
+            return self._publish_weights(node_id, deadline)
+        finally:
+            with self.publish_lock:
+                self.publishing.pop(node_id).set()
+
+    def _publish_weights(self, node_id: str, deadline: float) -> tuple[dict, dict]:
+        """Publish the weights on `node_id`: its store's process starts at once; then it copies
+        a published peer's, or reads the checkpoint if no node has it nor is reading it, or
+        waits for the node that is."""
+        store = ray.remote(WeightStore).options(
+            name=self._store_name(node_id), namespace=self.namespace, get_if_exists=True,
+            num_cpus=0, lifetime="detached" if self.detached else None,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote(dataclasses.asdict(self.cfg.model))
+
+        def left() -> float:
+            return max(1.0, deadline - time.monotonic())
+
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {node_id[:16]}: no copy of the weights to publish "
+                                   f"within instances.startup_timeout_s")
+            with self.publish_lock:
+                peers = [(n, s) for n, s in self.stores.items() if n != node_id]
+                reading = self.reading
+                if not peers and reading is None:
+                    reading = self.reading = threading.Event()
+                    from_disk = True
+                else:
+                    from_disk = False
+            if from_disk:
+                try:
+                    cost = ray.get(store.load.remote(), timeout=left())
+                    with self.publish_lock:
+                        self.stores[node_id], self.store_costs[node_id] = store, cost
+                finally:
+                    with self.publish_lock:
+                        self.reading = None
+                    reading.set()
+                return ray.get(store.manifest.remote(), timeout=left()), cost
+            if not peers:                     # another node is reading the checkpoint
+                reading.wait(left())
+                continue
+            for peer_node, peer in peers:     # a live copy exists: pull it node to node
+                try:
+                    manifest = ray.get(peer.manifest.remote(), timeout=60)
+                except Exception:             # that peer's node is gone: try the next
+                    with self.publish_lock:
+                        if self.stores.get(peer_node) is peer:
+                            self.stores.pop(peer_node)
+                    continue
+                cost = ray.get(store.copy_from.remote(manifest), timeout=left())
+                with self.publish_lock:
+                    self.stores[node_id], self.store_costs[node_id] = store, cost
+                return ray.get(store.manifest.remote(), timeout=left()), cost
 
     # ---- membership ----------------------------------------------------------------------
     def start(self, count: int) -> dict:

@@ -4,8 +4,11 @@ the tokenizer, chat template and EOS ids of a real checkpoint (`load_tokenizer`,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 import threading
 import warnings
 
@@ -33,6 +36,16 @@ class ByteTokenizer:
 # ---- the checkpoint's tokenizer, chat template and EOS ids ---------------------------------------
 _LOCK = threading.Lock()
 _LOADED: dict[tuple, object] = {}
+CACHE_ENV = "KV_FABRIC_CACHE"        # where converted GGUF tokenizers are kept
+
+
+def cache_root() -> str:
+    """`$KV_FABRIC_CACHE`, else `$XDG_CACHE_HOME/kv-fabric`, else `~/.cache/kv-fabric`."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return root
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kv-fabric")
 
 
 def _model_fields(model_cfg) -> tuple[str | None, str | None]:
@@ -76,20 +89,66 @@ def _load_tokenizer(preset: str | None, path: str | None):
     if gguf.is_gguf(path):
         if gguf.metadata_value(path, "tokenizer.ggml.model") is None:
             return None
-        kwargs = {"gguf_file": os.path.basename(path)}
-        where = os.path.dirname(path)
-    elif os.path.isfile(os.path.join(path, "tokenizer.json")) or \
-            os.path.isfile(os.path.join(path, "tokenizer.model")):
-        kwargs, where = {}, path
-    else:
+        return _gguf_tokenizer(path)
+    if not (os.path.isfile(os.path.join(path, "tokenizer.json"))
+            or os.path.isfile(os.path.join(path, "tokenizer.model"))):
         return None
+    auto = _auto_tokenizer(path)
+    return None if auto is None else auto.from_pretrained(path)
+
+
+def _auto_tokenizer(path: str):
     try:
         from transformers import AutoTokenizer
     except ImportError:
         warnings.warn(f"the tokenizer of {path!r} needs transformers (pip install "
-                      f"transformers); prompts must be token ids", stacklevel=3)
+                      f"transformers); prompts must be token ids", stacklevel=4)
         return None
-    return AutoTokenizer.from_pretrained(where, **kwargs)
+    return AutoTokenizer
+
+
+def _gguf_tokenizer(path: str):
+    """transformers' tokenizer of a GGUF file, kept as `tokenizer.save_pretrained` files under
+    `cache_root()`: building it from the file's vocabulary takes seconds of CPU in every process
+    (each instance, standby and driver), loading the saved `tokenizer.json` a fraction of one.
+    The entry is named after the file (real path, size, modification time) and transformers'
+    version, written to a temporary directory and renamed into place, so a reader never sees
+    half of one; one that does not load is built again. Without a writable cache, no cache."""
+    auto = _auto_tokenizer(path)
+    if auto is None:
+        return None
+    entry = gguf_cache_entry(path)
+    if os.path.isfile(os.path.join(entry, "tokenizer.json")):
+        try:
+            return auto.from_pretrained(entry)
+        except Exception as e:                       # a damaged entry: build it again
+            warnings.warn(f"cached tokenizer {entry!r} does not load ({e}); rebuilding it",
+                          stacklevel=4)
+            shutil.rmtree(entry, ignore_errors=True)
+    tokenizer = auto.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    try:
+        os.makedirs(os.path.dirname(entry), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(entry))
+        try:
+            tokenizer.save_pretrained(tmp)
+            os.rename(tmp, entry)                    # fails if another process got there first
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass
+    return tokenizer
+
+
+def gguf_cache_entry(path: str) -> str:
+    """The cache directory of the tokenizer of the GGUF file `path` (see `_gguf_tokenizer`)."""
+    import transformers
+
+    path = os.path.realpath(path)
+    st = os.stat(path)
+    key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}"
+    name = os.path.basename(path).removesuffix(".gguf")
+    return os.path.join(cache_root(), "tokenizers",
+                        f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
 
 
 def chat_template(tokenizer) -> str | None:

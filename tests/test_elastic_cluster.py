@@ -51,6 +51,35 @@ def test_new_node_copies_from_peer_and_reuses_its_copy_later():
         c.shutdown()
 
 
+def test_nodes_publish_side_by_side_and_read_the_weights_once():
+    """Three nodes starting at once: one node's store makes the weights, the other two copy
+    that copy (they wait for it rather than make their own), and every replica maps its own
+    node's copy."""
+    c = Cluster()
+    c.add_node(num_cpus=0)                    # head: driver, controller, manager
+    nodes = [c.add_node(num_cpus=1) for _ in range(3)]
+    ray.init(address=c.address, namespace="kv-fabric")
+    try:
+        cfg = {**CFG, "instances": {**CFG["instances"], "count": 3, "standbys": 0}}
+        with fabric.start(cfg) as fab:
+            stats = fab.stats()
+            assert {s["node"] for s in stats["instances"]} == {n.node_id for n in nodes}
+            stores = stats["elastic"]["weight_stores"]
+            assert set(stores) == {n.node_id for n in nodes}
+            made = [n for n, c in stores.items() if c["bytes_copied"] == 0]
+            assert len(made) == 1, stores
+            start = stats["elastic"]["start"]
+            per_node = start["bytes_mapped"] // 3
+            assert all(c["bytes_copied"] == per_node for n, c in stores.items() if n not in made)
+            assert start["bytes_copied"] == 2 * per_node and start["weights_shared"]
+            batch = prompts(3, seed=3)
+            out = fab.generate(batch + batch, max_new_tokens=12, ignore_eos=True)
+            assert [r.tokens for r in out[:3]] == [r.tokens for r in out[3:]]
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
 def test_no_room_asks_rays_autoscaler_for_a_node():
     from autoscaling_cluster import autoscaling_cluster
 

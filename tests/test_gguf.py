@@ -315,6 +315,71 @@ def test_smollm2_tokenizer_chat_template_and_eos():
     assert ids[0] == 1 and ids.count(2) == 2          # <|im_start|> first; system + user turns
 
 
+def test_gguf_tokenizer_is_kept_in_the_cache_and_loads_back_the_same(tmp_path, monkeypatch):
+    """The tokenizer built from the file's vocabulary (seconds of CPU) is saved under
+    KV_FABRIC_CACHE; the next process loads the saved one, which must tokenize, detokenize and
+    template exactly as the built one, for fresh random text and ids."""
+    pytest.importorskip("transformers")
+    import random
+    import shutil
+
+    from fabric import tokenizer as ftok
+
+    path = smol_path()
+    monkeypatch.setenv(ftok.CACHE_ENV, str(tmp_path / "cache"))
+    entry = ftok.gguf_cache_entry(path)
+    assert entry.startswith(str(tmp_path / "cache")) and not os.path.exists(entry)
+    built = ftok._gguf_tokenizer(path)
+    assert os.path.isfile(os.path.join(entry, "tokenizer.json"))
+    assert [n for n in os.listdir(os.path.dirname(entry)) if n.startswith(".tmp-")] == []
+    cached = ftok._gguf_tokenizer(path)
+    assert cached.name_or_path == entry and built.name_or_path != entry
+
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    alphabet = "abcdefghij KLMNOP.,!?\n\tüéß日本語🙂0123456789<|>_"
+    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    assert built.get_vocab() == cached.get_vocab(), seed
+    assert built.all_special_ids == cached.all_special_ids
+    assert (built.bos_token_id, built.eos_token_id, built.pad_token_id) == \
+        (cached.bos_token_id, cached.eos_token_id, cached.pad_token_id)
+    for _ in range(40):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 80)))
+        text = text.replace("<", rng.choice(specials + ["<"]), 1)
+        for special in (True, False):
+            assert built.encode(text, add_special_tokens=special) == \
+                cached.encode(text, add_special_tokens=special), (seed, text)
+        ids = [rng.randrange(len(built)) for _ in range(rng.randrange(1, 40))]
+        for skip in (True, False):
+            assert built.decode(ids, skip_special_tokens=skip) == \
+                cached.decode(ids, skip_special_tokens=skip), (seed, ids)
+        msgs = [{"role": "user", "content": text}]
+        if rng.random() < 0.5:
+            msgs = [{"role": "system", "content": text[::-1]}] + msgs
+        assert built.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+            cached.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    # another file (a copy, touched) gets another entry
+    copy = tmp_path / "copy.gguf"
+    shutil.copyfile(path, copy)
+    os.utime(copy, ns=(1, 1))
+    assert ftok.gguf_cache_entry(str(copy)) != entry
+
+    # a damaged entry is built again, with a warning
+    with open(os.path.join(entry, "tokenizer.json"), "w") as f:
+        f.write('{"version": "1.0", "model": ')
+    with pytest.warns(UserWarning, match="does not load"):
+        again = ftok._gguf_tokenizer(path)
+    assert again.encode("Hello, Paris!") == built.encode("Hello, Paris!")
+    assert ftok._gguf_tokenizer(path).name_or_path == entry
+
+    # no writable cache: the tokenizer is still built
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv(ftok.CACHE_ENV, str(blocker))
+    assert ftok._gguf_tokenizer(path).encode("Hello, Paris!") == built.encode("Hello, Paris!")
+
+
 def test_convert_round_trip_loads_in_transformers_and_the_fabric(smol, tmp_path):
     transformers = pytest.importorskip("transformers")
     from fabric.cli import main
