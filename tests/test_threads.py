@@ -72,3 +72,40 @@ def test_beside_engine_releases_after_the_call_and_keeps_its_result():
     in_new_thread(run)
     assert seen["result"] == (512, 512) and work.__name__ == "work"
     assert seen["inside"] > seen["before"] and seen["after"] < seen["inside"]
+
+
+def test_at_idle_priority_runs_in_an_idle_thread_and_leaves_no_thread_behind():
+    if not hasattr(os, "SCHED_IDLE"):
+        pytest.skip("no SCHED_IDLE on this platform")
+    caller = threading.get_ident()
+    seen = {}
+
+    def work(x):
+        seen["policy"], seen["thread"] = os.sched_getscheduler(0), threading.get_ident()
+        return x * 2
+
+    assert threads.at_idle_priority(work, 21) == 42
+    assert seen["policy"] == os.SCHED_IDLE and seen["thread"] != caller
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE       # the caller's policy is its own
+
+    def fails():
+        raise KeyError("no such tokenizer")
+
+    with pytest.raises(KeyError, match="no such tokenizer"):
+        threads.at_idle_priority(fails)
+
+    def idle_tasks() -> list[str]:
+        found = []
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE:
+                    found.append(tid)
+            except OSError:             # exited meanwhile
+                pass
+        return found
+
+    for _ in range(100):                # a joined thread leaves /proc a moment later
+        if not idle_tasks():
+            break
+        threading.Event().wait(0.05)
+    assert idle_tasks() == []
