@@ -246,10 +246,11 @@ class FakeCluster:
         return env
 
     def run_driver(self, code: str, timeout: float, **env_kw) -> dict:
-        for _ in range(PROXY_ATTEMPTS):   # again if the proxy failed to start a `ray://`
+        # run again if the client proxy failed to start a `ray://` driver's server
+        for _ in range(PROXY_ATTEMPTS):
             out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=False,
                                  env=self.driver_env(**env_kw), capture_output=True, text=True,
-                                 timeout=timeout, cwd=self.root)     # driver's server
+                                 timeout=timeout, cwd=self.root)
             if out.returncode == 0 or not proxy_start_failed(out.stderr):
                 break
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
