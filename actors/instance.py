@@ -41,7 +41,7 @@ from fabric.model import load_model
 from fabric.prefix_cache import model_salt, prompt_hashes
 from fabric.rmanager import BlockRef
 from fabric.sequence import SamplingParams
-from fabric.threads import at_idle_priority, release_pool
+from fabric.threads import release_pool
 from actors.handoff import HandoffMixin
 from actors.metrics import InstanceMetrics
 from actors.tierstore import TierClient, get_store
@@ -61,21 +61,15 @@ STARTUP_DELAY_ENV = "KV_FABRIC_TESTING_STARTUP_DELAY_S"
 log = logging.getLogger(__name__)
 
 
-def _warm_up(config: dict) -> None:
-    """A standby's imports and tokenizer, kept (per process) for its adoption."""
-    import autoscale.weights  # noqa: F401
-    import fabric.model.checkpoint  # noqa: F401
-    from fabric.tokenizer import load_tokenizer
-
-    load_tokenizer(load_config(config).model)
-
-
 class InstanceActor(HandoffMixin, TransportHost):
     def __init__(self, instance_id: int, config: dict, controller_name: str, namespace: str,
                  fabric_name: str = "", manager_name: str | None = None, name: str = "",
                  standby: bool = False):
         if standby:     # a warm process until `take_rank`: torch, model code and tokenizer loaded
-            at_idle_priority(_warm_up, config)      # never in the way of replicas serving
+            import autoscale.weights, fabric.model.checkpoint  # noqa: F401, E401
+            from fabric.tokenizer import load_tokenizer
+
+            load_tokenizer(load_config(config).model)       # kept (per process) for adoption
             self._standby_args = (config, controller_name, namespace, fabric_name, manager_name,
                                   name)
             return

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import threading
 
 import torch
 
@@ -68,29 +67,3 @@ def beside_engine(method):
         finally:
             release_pool()
     return wrapper
-
-
-def at_idle_priority(fn, *args):
-    """`fn(*args)` in a thread of its own that Linux runs only when a core has nothing else to
-    run (SCHED_IDLE), waited for; its result, or its exception raised here. For background
-    work such as a warm standby's imports, which should not slow requests served beside it.
-    The policy is the thread's, gone with it (an unprivileged thread could not drop it again);
-    where it cannot be set, `fn` runs at normal priority."""
-    out: dict = {}
-
-    def body():
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))   # 0: this thread
-        except (AttributeError, OSError):
-            pass
-        try:
-            out["value"] = fn(*args)
-        except BaseException as e:          # raised in the caller's thread below
-            out["error"] = e
-
-    t = threading.Thread(target=body, name="idle-priority", daemon=True)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")

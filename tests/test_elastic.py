@@ -216,6 +216,8 @@ def test_policy_scales_out_under_load_and_back_in(local_ray):
         with Load(fab, batches, 60) as load:
             assert wait_for(lambda: fab.stats()["elastic"]["replicas"] == 2, 60)
         assert not load.errors
+        # the new replica serves before its event is recorded (experts are re-planned first)
+        assert wait_for(lambda: fab.stats()["elastic"]["scale_events"], 60)
         events = fab.stats()["elastic"]["scale_events"]
         assert events[0]["from"] == 1 and events[0]["to"] == 2
         assert events[0]["reason"].startswith("policy")
