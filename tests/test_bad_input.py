@@ -5,9 +5,6 @@ raw messages can be sent to an instance); after each, a good request must still 
 reference tokens. Configs, checkpoints and data-plane messages are checked without Ray.
 Rows already covered elsewhere (tests/test_config_and_errors.py, tests/test_transport.py,
 tests/test_ledger.py, tests/test_cli_jobs.py, tests/test_fabric_ray.py) are not repeated here.
-
-Tests marked xfail are known bugs (listed in docs/reliability.md): strict, so that a fix
-turns them into failures until the marker is removed.
 """
 
 import json
@@ -19,7 +16,6 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from safetensors import SafetensorError
 
 ray = pytest.importorskip("ray")
 from ray.exceptions import RayTaskError
@@ -28,6 +24,7 @@ import fabric
 from actors.messages import WireError, decode, decode_split, encode, encode_split
 from fabric import CapacityError, ConfigError, RequestError, load_config
 from fabric.model import load_model, save_checkpoint
+from fabric.model.checkpoint import check_checkpoint
 
 GOOD = [5, 9, 200, 17, 3, 88, 41]
 CONFIG = {"instances": {"count": 2, "kv_blocks": 16, "block_size": 8, "max_batch_tokens": 64},
@@ -362,28 +359,51 @@ def test_checkpoint_shard_index_names_a_missing_file(checkpoint, tmp_path):
         load_model(None, path=path)
 
 
-@pytest.mark.xfail(strict=True, raises=(AttributeError, TypeError, RuntimeError, ValueError,
-                                        SafetensorError),
-                   reason="bug: these corruptions escape as the underlying library's error, "
-                          "not a ConfigError naming model.path")
-@pytest.mark.parametrize("corrupt", ["config_not_object", "field_wrong_type", "negative_size",
-                                     "safetensors_garbage", "index_not_json", "index_not_object"])
+CORRUPTIONS = {   # name: (how the copy is broken, what the ConfigError says)
+    "config_not_object": (lambda d, c: (d / "config.json").write_text("[1, 2]"),
+                          "config.json holds a list, not an object"),
+    "field_wrong_type": (lambda d, c: broken(c, d, edit_config=lambda h: h.update(hidden_size="64")),
+                         "field 'hidden_size' is '64', expected a positive integer"),
+    "negative_size": (lambda d, c: broken(c, d, edit_config=lambda h: h.update(hidden_size=-64)),
+                      "field 'hidden_size' is -64, expected a positive integer"),
+    "size_a_bool": (lambda d, c: broken(c, d, edit_config=lambda h: h.update(num_hidden_layers=True)),
+                    "field 'num_hidden_layers' is True, expected a positive integer"),
+    "eps_a_string": (lambda d, c: broken(c, d, edit_config=lambda h: h.update(rms_norm_eps="1e-5")),
+                     "field 'rms_norm_eps' is '1e-5', expected a positive number"),
+    "heads_not_divisible": (lambda d, c: broken(c, d, edit_config=lambda h: h.update(
+                                num_key_value_heads=3)),
+                            "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    "architectures_a_string": (lambda d, c: broken(c, d, edit_config=lambda h: h.update(
+                                   architectures="LlamaForCausalLM")),
+                               "field 'architectures' is 'LlamaForCausalLM', expected a list"),
+    "config_not_utf8": (lambda d, c: (d / "config.json").write_bytes(b"\xff\xfe{}"),
+                        "config.json is not valid JSON"),
+    "safetensors_garbage": (lambda d, c: (d / "model.safetensors").write_bytes(b"garbage" * 10),
+                            "model.safetensors is not a readable safetensors file"),
+    "index_not_json": (lambda d, c: (d / "model.safetensors.index.json").write_text("{bad"),
+                       "model.safetensors.index.json is not valid JSON"),
+    "index_not_object": (lambda d, c: (d / "model.safetensors.index.json").write_text("[]"),
+                         "index.json has no \"weight_map\" object"),
+    "index_map_of_numbers": (lambda d, c: (d / "model.safetensors.index.json").write_text(
+                                 json.dumps({"weight_map": {"lm_head.weight": 7}})),
+                             "index.json has no \"weight_map\" object"),
+    "index_names_a_path": (lambda d, c: (d / "model.safetensors.index.json").write_text(
+                               json.dumps({"weight_map": {"lm_head.weight": "../model.safetensors"}})),
+                           "names a file outside the checkpoint directory"),
+}
+
+
+@pytest.mark.parametrize("corrupt", sorted(CORRUPTIONS))
 def test_checkpoint_corruption_is_a_config_error(checkpoint, tmp_path, corrupt):
+    """Each corruption is refused by the loader and by the driver's header-only check, with a
+    `ConfigError` naming model.path and what is wrong (no error from the library below)."""
     path = broken(checkpoint, tmp_path)
-    if corrupt == "config_not_object":
-        (tmp_path / "config.json").write_text("[1, 2]")
-    elif corrupt == "field_wrong_type":
-        broken(checkpoint, tmp_path, edit_config=lambda c: c.update(hidden_size="64"))
-    elif corrupt == "negative_size":
-        broken(checkpoint, tmp_path, edit_config=lambda c: c.update(hidden_size=-64))
-    elif corrupt == "safetensors_garbage":
-        (tmp_path / "model.safetensors").write_bytes(b"garbage" * 10)
-    elif corrupt == "index_not_json":
-        (tmp_path / "model.safetensors.index.json").write_text("{bad")
-    else:
-        (tmp_path / "model.safetensors.index.json").write_text("[]")
-    with pytest.raises(ConfigError, match="model.path"):
-        load_model(None, path=path)
+    damage, says = CORRUPTIONS[corrupt]
+    damage(tmp_path, checkpoint)
+    for read in (lambda: load_model(None, path=path), lambda: check_checkpoint(path)):
+        with pytest.raises(ConfigError, match="model.path") as e:
+            read()
+        assert says in str(e.value)
 
 
 def test_start_with_broken_checkpoint_raises_config_error(fab, checkpoint, tmp_path):

@@ -65,6 +65,10 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "ModelArgs":
+        if not isinstance(hf, dict):
+            raise ConfigError(f"model.path: config.json holds a {type(hf).__name__}, "
+                              f"not an object")
+        _check_fields(hf)
         arch = (hf.get("architectures") or ["?"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(f"model.path: architecture {arch!r} is not supported "
@@ -100,6 +104,61 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# config.json fields this reads and what each must be
+_REQUIRED_COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+_OPTIONAL_COUNTS = ("num_key_value_heads", "head_dim", "max_position_embeddings",
+                    "num_local_experts", "num_experts_per_tok")
+_POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
+_FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def _check_fields(hf: dict) -> None:
+    """Every field this reads has the right type and range, so that a corrupt config.json is a
+    `ConfigError` naming the field, not an error from deep inside the model build. (A missing
+    required field is reported by `from_hf_config`.)"""
+    def bad(name, want):
+        raise ConfigError(f"model.path: config.json field {name!r} is {hf[name]!r}, "
+                          f"expected {want}")
+
+    for name in _REQUIRED_COUNTS + _OPTIONAL_COUNTS:
+        v = hf.get(name)
+        if name not in hf or (v is None and name in _OPTIONAL_COUNTS):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            bad(name, "a positive integer")
+    for name in _POSITIVE_NUMBERS:
+        v = hf.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not v > 0 or v == float("inf")):
+            bad(name, "a positive number")
+    for name in _FLAGS:
+        if hf.get(name) is not None and not isinstance(hf[name], bool):
+            bad(name, "true or false")
+    for name in ("bos_token_id", "eos_token_id"):
+        v = hf.get(name)
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                     for i in ids):
+            bad(name, "a token id, a list of them, or null")
+    archs = hf.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str)
+                                                                  for a in archs)):
+        bad("architectures", "a list of names")
+    for name in ("rope_scaling", "rope_parameters"):
+        if hf.get(name) is not None and not isinstance(hf[name], dict):
+            bad(name, "an object or null")
+    heads, kv = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        raise ConfigError(f"model.path: config.json num_attention_heads {heads} is not a "
+                          f"multiple of num_key_value_heads {kv}")
+    hidden = hf.get("hidden_size")
+    if hf.get("head_dim") is None and isinstance(hidden, int) and isinstance(heads, int) \
+            and hidden % heads:
+        raise ConfigError(f"model.path: config.json hidden_size {hidden} is not a multiple of "
+                          f"num_attention_heads {heads} (and no head_dim is given)")
 
 
 def _first_id(value) -> int | None:

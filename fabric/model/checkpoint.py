@@ -124,7 +124,7 @@ def read_args(path: str) -> ModelArgs:
     try:
         with open(cfg_path) as f:
             hf = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"model.path: config.json is not valid JSON: {e}") from None
     try:
         return ModelArgs.from_hf_config(hf)
@@ -144,7 +144,11 @@ def read_state_dict(path: str, args: ModelArgs,
     files = _safetensors_files(path)
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        try:
+            state.update(load_file(file))
+        except Exception as e:      # safetensors' own error types, and OSError
+            raise ConfigError(f"model.path: {os.path.basename(file)} is not a readable "
+                              f"safetensors file: {e}") from None
     state = _normalise_names(state, args)
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -155,8 +159,21 @@ def read_state_dict(path: str, args: ModelArgs,
 def _safetensors_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"model.path: model.safetensors.index.json is not valid JSON: "
+                              f"{e}") from None
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(v, str) for v in weight_map.values())):
+            raise ConfigError("model.path: model.safetensors.index.json has no \"weight_map\" "
+                              "object of tensor names to file names")
+        names = sorted(set(weight_map.values()))
+        if any(os.path.basename(n) != n or n in ("", ".", "..") for n in names):
+            raise ConfigError("model.path: model.safetensors.index.json names a file outside "
+                              "the checkpoint directory")
         files = [os.path.join(path, n) for n in names]
     else:
         files = [os.path.join(path, "model.safetensors")]
