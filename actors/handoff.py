@@ -96,13 +96,13 @@ class HandoffMixin:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 return n
-            req_id, prompt, params = item
+            req_id, prompt, params, arrival, _ = item     # the new home fetches its own
             w = self.waiters.get(req_id)
             if w is None or req_id in self.cancelled:
                 self._let_go_of_plans(req_id)
                 continue
             try:
-                self._handoff(fresh_state(req_id, prompt, params), None, None, w)
+                self._handoff(fresh_state(req_id, prompt, params, arrival), None, None, w)
             except Exception:
                 self.inbox.put(item)
                 raise
@@ -256,7 +256,7 @@ class HandoffMixin:
         try:
             params = SamplingParams.from_request(r)
             self.waiters[r["id"]] = w
-            self._handoff(fresh_state(r["id"], r["prompt"], params), None, None, w)
+            self._handoff(fresh_state(r["id"], r["prompt"], params, w.arrival), None, None, w)
         except Exception as e:
             self.waiters.pop(r["id"], None)
             w.done(id=r["id"], error=f"could not hand request {r['id']} on: {e!r}",

@@ -337,7 +337,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         return True
 
     def _enqueue(self, r: dict, stream: bool) -> Waiter:
-        w = Waiter(stream)
+        w = Waiter(stream)                  # its `arrival`: the request's TTFT counts from here
         with self.inbox_lock:
             if not self.draining:
                 return self._enqueue_here(r, w)
@@ -357,13 +357,14 @@ class InstanceActor(HandoffMixin, TransportHost):
                 raise CapacityError(f"fabric queue full: instance {self.id} already has {queued} "
                                     f"requests waiting (instances.max_queued_requests)")
             self.waiters[r["id"]] = w
+            t0 = time.perf_counter()
             if r.get("prefix_source") is not None:
                 lease = self._reuse_remote_prefix(r["prompt"], params, r["prefix_source"])
                 if lease is not None:
                     self.waiting_leases[r["id"]] = lease
             if self.tiers is not None and r["id"] not in self.waiting_leases:
                 self._plan_tier_load(r["id"], r["prompt"])
-            self.inbox.put((r["id"], r["prompt"], params))
+            self.inbox.put((r["id"], r["prompt"], params, w.arrival, time.perf_counter() - t0))
         except FabricError as e:
             w.done(id=r["id"], error=str(e), error_type=type(e).__name__)
         return w
@@ -565,7 +566,7 @@ class InstanceActor(HandoffMixin, TransportHost):
     def _admit(self) -> None:
         while True:
             try:
-                req_id, prompt, params = self.inbox.get_nowait()
+                req_id, prompt, params, arrival, fetch_s = self.inbox.get_nowait()
             except queue.Empty:
                 return
             lease = self.waiting_leases.pop(req_id, None)
@@ -576,7 +577,8 @@ class InstanceActor(HandoffMixin, TransportHost):
                 continue
             try:
                 with self.lock:
-                    self.engine.add_request(prompt, params, req_id=req_id)
+                    self.engine.add_request(prompt, params, req_id=req_id, arrival=arrival,
+                                            prefix_fetch_s=fetch_s)
                     seq = self.engine.seqs[req_id]
                     seq.lease = lease
                     if plan is not None and plan[2] != "recompute":

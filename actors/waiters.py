@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 
 class Waiter:
-    """Where a request's caller waits: an event and the result, plus a token queue if streamed."""
-    __slots__ = ("event", "slot", "tokens")
+    """Where a request's caller waits: an event and the result, plus a token queue if streamed;
+    `arrival` is when the request reached this instance (`time.perf_counter()`)."""
+    __slots__ = ("event", "slot", "tokens", "arrival")
 
     def __init__(self, stream: bool):
         self.event, self.slot = threading.Event(), {}
+        self.arrival = time.perf_counter()
         self.tokens: queue.Queue | None = queue.Queue() if stream else None
 
     def done(self, **result) -> None:

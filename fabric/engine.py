@@ -80,12 +80,19 @@ class Engine:
             raise RequestError("stop strings need a tokenizer, and this checkpoint has none")
         check_capacity(len(prompt) + params.max_new_tokens, self.rm.block_size, self.max_request_blocks)
 
-    def add_request(self, prompt: list[int], params: SamplingParams, req_id: str | None = None) -> str:
+    def add_request(self, prompt: list[int], params: SamplingParams, req_id: str | None = None,
+                    arrival: float | None = None, prefix_fetch_s: float = 0.0) -> str:
+        """Queue a request; `arrival` (`time.perf_counter()` in this process) is when it reached
+        the instance, so that its TTFT counts what happened before admission (a prefix copied
+        or leased from a peer, a tier lookup, the inbox); default: now. `prefix_fetch_s`: the
+        part of that spent fetching or looking up its prefix (reported in `metrics`)."""
         self.validate(prompt, params)
         req_id = req_id if req_id is not None else f"{self.instance_id}-{next(self._ids)}"
         if req_id in self.seqs:
             raise RequestError(f"request id {req_id!r} is already in use")
-        seq = Sequence(req_id, list(prompt), params)
+        seq = Sequence(req_id, list(prompt), params, prefix_fetch_s=prefix_fetch_s)
+        if arrival is not None:
+            seq.arrival = arrival
         self.attach_detokenizer(seq)
         self.seqs[req_id] = seq
         self.scheduler.add(seq)
@@ -304,10 +311,14 @@ class Engine:
         return [done[i] for i in ids]
 
 
-def fresh_state(req_id: str, prompt: list[int], params: SamplingParams) -> dict:
+def fresh_state(req_id: str, prompt: list[int], params: SamplingParams,
+                arrival: float | None = None) -> dict:
     """What a hand-off carries of a request never admitted (the target checks it as on
-    admission)."""
-    return _state_of(Sequence(req_id, list(prompt), params))
+    admission); `arrival` as in `Engine.add_request`."""
+    seq = Sequence(req_id, list(prompt), params)
+    if arrival is not None:
+        seq.arrival = arrival
+    return _state_of(seq)
 
 
 def _state_of(seq: Sequence) -> dict:
@@ -321,6 +332,8 @@ def _state_of(seq: Sequence) -> dict:
             "cached_tokens": seq.cached_tokens, "prefix_counted": seq.prefix_counted,
             "tier": dict(seq.tier), "age_s": now - seq.arrival,
             "first_token_age_s": None if seq.first_token_at is None else now - seq.first_token_at,
+            "scheduled_age_s": None if seq.scheduled_at is None else now - seq.scheduled_at,
+            "prefix_fetch_s": seq.prefix_fetch_s,
             "generator": None if gen is None else bytes(gen.get_state().numpy())}
 
 
@@ -336,6 +349,9 @@ def _sequence_of(state: dict) -> Sequence:
     seq.arrival = now - state["age_s"]
     if state["first_token_age_s"] is not None:
         seq.first_token_at = now - state["first_token_age_s"]
+    if state.get("scheduled_age_s") is not None:
+        seq.scheduled_at = now - state["scheduled_age_s"]
+    seq.prefix_fetch_s = float(state.get("prefix_fetch_s") or 0.0)
     if state["generator"] is not None:
         seq.generator = torch.Generator()
         seq.generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))

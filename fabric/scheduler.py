@@ -146,6 +146,8 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             self.running.append(seq)
+            if seq.scheduled_at is None:
+                seq.scheduled_at = time.perf_counter()
             if fresh:
                 self._admitted_fresh(seq)
             if not loading:

@@ -57,6 +57,8 @@ class Sequence:
     num_computed: int = 0                  # tokens whose KV is in the cache
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.perf_counter)
+    scheduled_at: float | None = None      # its first step (`queued_s` ends here)
+    prefix_fetch_s: float = 0.0            # before admission: a peer's prefix, a tier lookup
     first_token_at: float | None = None
     finished_at: float | None = None
     num_preemptions: int = 0
@@ -111,7 +113,9 @@ class Sequence:
         ttft = (self.first_token_at or end) - self.arrival
         n = len(self.output)
         tpot = (end - self.first_token_at) / (n - 1) if self.first_token_at and n > 1 else 0.0
-        return {"ttft_s": ttft, "tpot_s": tpot, "latency_s": end - self.arrival,
+        queued = (self.scheduled_at or end) - self.arrival
+        return {"ttft_s": ttft, "tpot_s": tpot, "latency_s": end - self.arrival, "queued_s": queued,
+                "prefix_fetch_s": self.prefix_fetch_s,
                 "num_prompt_tokens": len(self.prompt), "num_output_tokens": n,
                 "num_preemptions": self.num_preemptions, "cached_tokens": self.cached_tokens,
                 **self.tier}

@@ -106,3 +106,21 @@ def test_bad_requests_fail_alone(prompt, params, match):
     while engine.has_unfinished():
         done += engine.step()[1]
     assert [s.req_id for s in done] == [good] and len(done[0].output) == 3
+
+
+def test_request_times_count_from_its_arrival():
+    """An instance passes when a request reached it: what happened before admission (a prefix
+    fetched from a peer, a tier lookup, the inbox) counts in ttft_s and queued_s."""
+    import time
+
+    engine = Engine(load_model("tiny-llama"), kv_blocks=16, block_size=8)
+    early = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=3),
+                               arrival=time.perf_counter() - 2.0, prefix_fetch_s=1.5)
+    now = engine.add_request([8, 9], SamplingParams(max_new_tokens=3))
+    done = {}
+    while engine.has_unfinished():
+        done.update((s.req_id, s.metrics()) for s in engine.step()[1])
+    m, n = done[early], done[now]
+    assert m["latency_s"] >= m["ttft_s"] >= m["queued_s"] >= 2.0 and m["prefix_fetch_s"] == 1.5
+    assert n["ttft_s"] >= n["queued_s"] >= 0 and n["prefix_fetch_s"] == 0.0
+    assert m["ttft_s"] - n["ttft_s"] >= 2.0 - 1e-6       # same first step, 2 s earlier

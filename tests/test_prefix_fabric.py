@@ -132,6 +132,9 @@ def test_prefix_cached_on_another_instance(local_ray, reference, mode):
             assert cached_elsewhere == 0
         else:
             assert cached_elsewhere == 96, f"{mode}: the prefix elsewhere was not reused"
+        # its TTFT counts the pin (and the copy) done before admission: they are in queued_s
+        m = elsewhere[0].metrics
+        assert m["ttft_s"] >= m["queued_s"] >= m["prefix_fetch_s"] > 0, m
 
         after = prefix_totals(fab)
         remote = {k: after["remote"][k] - before["remote"][k] for k in after["remote"]}
@@ -178,6 +181,55 @@ def test_holder_killed_while_a_leased_request_decodes(local_ray, reference):
         assert wait_until(lambda: fab.stats()["elastic"]["replicas"] == 2 and
                           len(fab.stats()["instances"]) == 2, timeout_s=300)
         (again,) = fab.generate([prompts[0]], max_new_tokens=n, ignore_eos=True)
+        assert again.tokens == ref[0]
+
+
+@pytest.mark.parametrize("leaves", ["holder", "reader"])
+def test_scale_down_while_a_request_reads_a_leased_prefix(local_ray, reference, leaves):
+    """Scale 2 -> 1 (instance 1 leaves) while one request decodes over a prefix leased from the
+    other instance's cache. The holder leaving: the reader's request is recomputed from its
+    tokens (it never reads KV that went away). The reader leaving: its request is handed to the
+    holder and its lease let go there. Either way every answer is the reference, nothing stays
+    pinned, and the one replica left serves the prefix again."""
+    rng = random.Random(303 if leaves == "holder" else 304)
+    shared = toks(rng, 100)
+    prompts = [shared + toks(rng, k) for k in (11, 5, 8)]
+    other = toks(rng, 111)
+    n = 380                      # both requests fit in the one pool left (2 x 61 of 128 blocks)
+    ref = reference(prompts[1:], n)
+    cfg = {"instances": {"count": 2, "kv_blocks": 128, "block_size": BS},
+           "prefix_cache": {"remote": "lease", "overlap_weight": 0.0}}
+    with fabric.start(cfg) as fab:
+        # idle, equal loads: the i-th prompt of one call goes to instance i
+        want = 1 if leaves == "holder" else 0
+        warm = fab.generate([other, prompts[0]] if want else [prompts[0], other],
+                            max_new_tokens=4, ignore_eos=True)
+        holder = warm[want].home
+        assert holder == want, [r.home for r in warm]
+        assert wait_until(lambda: prefix_totals(fab)["index_blocks"] > 0)
+        settle(fab)
+        out: dict = {}
+        worker = threading.Thread(target=lambda: out.update(r=fab.generate(
+            prompts[1:], max_new_tokens=n, ignore_eos=True)))
+        worker.start()
+        reader = 1 - holder
+        assert wait_until(lambda: prefix_totals(fab)["instances"][reader]["leased_hits"] > 0,
+                          timeout_s=120), "no request leased the holder's prefix"
+        assert worker.is_alive(), f"the requests ended before the scale-down: raise n ({n})"
+        event = fab.scale(1)
+        worker.join(timeout=600)
+        assert not worker.is_alive(), "a request hung across the scale-down"
+        assert [r.tokens for r in out["r"]] == ref, f"{leaves} left: tokens differ"
+        assert (event["from"], event["to"]) == (2, 1), event
+        if leaves == "holder":        # the reader's request: recomputed, never reading lost KV
+            assert event["debtor_requests_recomputed"] >= 1, event
+            assert sum(r.metrics["num_preemptions"] for r in out["r"]) >= 1
+        else:                         # the reader's request: handed to the holder
+            assert event["requests_moved"] + event["requests_recomputed"] >= 1, event
+        stats = fab.stats()
+        assert stats["elastic"]["replicas"] == 1 and len(stats["instances"]) == 1
+        assert wait_until(lambda: all_idle_and_free(fab)), fab.stats()["prefix_cache"]
+        (again,) = fab.generate([prompts[1]], max_new_tokens=n, ignore_eos=True)
         assert again.tokens == ref[0]
 
 
