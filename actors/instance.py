@@ -142,6 +142,8 @@ class InstanceActor(HandoffMixin, TransportHost):
                                     self.engine.kv.write_blocks, self.engine.scheduler.load_returns)
             self.engine.set_tier_sink(self.tiers.offer)
             self.engine.scheduler.start_load = self.tiers.start_load
+            self.engine.scheduler.load_met = lambda ld: self.tiers.costs.observe_both(
+                ld.predicted_s, ld.met_s)
             self.engine.scheduler.min_load_blocks = max(1, self.cfg.tiers.min_load_blocks)
         release_pool()          # this thread's torch work is done: the engine thread's cores
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
@@ -868,9 +870,11 @@ class InstanceActor(HandoffMixin, TransportHost):
         if len(below) < want and k < want:
             return
         tiers, per_token = below or ["host"] * k, eng.reuse_costs.est["prefill_s_per_token"]
-        mode = self.tiers.costs.choose(cfg.prefill, tiers, bs, per_token)
+        costs = self.tiers.costs
+        mode = costs.choose(cfg.prefill, tiers, bs, per_token)
         self.waiting_loads[req_id] = (0, hashes[: k + len(below)], mode,
-                                      self.tiers.costs.head_share(tiers, bs, per_token))
+                                      costs.head_share(tiers, bs, per_token),
+                                      costs.estimates(tiers, bs, per_token)[mode])
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def tier_stats(self) -> dict:
@@ -878,7 +882,9 @@ class InstanceActor(HandoffMixin, TransportHost):
         if self.tiers is None:
             return {"enabled": False}
         return {"enabled": True, **self.tiers.counters, **self.engine.scheduler.tiers,
-                "load_s_per_block": dict(self.tiers.costs.load_s_per_block)}
+                "load_s_per_block": dict(self.tiers.costs.load_s_per_block),
+                "compute_or_load_overlap": self.tiers.costs.overlap,
+                "compute_or_load_runs": self.tiers.costs.overlap_runs}
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def pin_prefix(self, reader: int, hashes: list[bytes]) -> list[int]:

@@ -49,6 +49,7 @@ class Scheduler:
         self.load_returns: queue.SimpleQueue = queue.SimpleQueue()
         self.tiers = {"loaded_tokens": 0, "computed_tokens": 0, "loads": 0, "no_room": 0}
         self.start_load = None                # (TierLoad): the host's loader brings blocks up
+        self.load_met = None                  # (TierLoad): a compute-or-load met its loader
         self.min_load_blocks = 1              # fewer blocks to bring up: computed
 
     @property
@@ -242,7 +243,7 @@ class Scheduler:
         plan, seq.tier_plan = seq.tier_plan, None
         if plan is None or self.start_load is None:
             return
-        first, hashes, mode, head_share = plan
+        first, hashes, mode, head_share, predicted_s = plan
         bs = self.rm.block_size
         k, end = seq.num_computed // bs, first + len(hashes)
         if not first <= k < end or end - k < self.min_load_blocks:
@@ -254,7 +255,8 @@ class Scheduler:
             return
         blocks = self.rm.import_cached(end - k)
         self.rm.loading[seq.req_id] = len(blocks)
-        seq.tier_load = TierLoad(k, hashes[k - first:], blocks, mode, head_share)
+        seq.tier_load = TierLoad(k, hashes[k - first:], blocks, mode, head_share,
+                                 predicted_s if k == first else None)
         self.start_load(seq.tier_load)
 
     def _follow_load(self, seq: Sequence, budget: int) -> int:
@@ -283,6 +285,8 @@ class Scheduler:
                 seq.num_registered = seq.num_computed // bs
                 self._drop_inflight(seq, len(blocks))
                 self._count_load(seq, ld, loaded=len(blocks), computed=start - ld.first)
+                if ld.mode == "compute_or_load" and self.load_met is not None:
+                    self.load_met(ld)
             elif seq.num_computed >= ld.meet * bs and not ld.done:
                 return 0                    # the head is computed: the loader brings the rest
             else:           # up to where they should meet (or, the loader done, its frontier)

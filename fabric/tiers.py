@@ -239,9 +239,12 @@ class TierLoad:
     once the loader no longer writes them."""
 
     def __init__(self, first: int, hashes: list[bytes], blocks: list[int], mode: str,
-                 head_share: float = 1.0):
+                 head_share: float = 1.0, predicted_s: float | None = None):
         assert len(hashes) == len(blocks) and mode in ("load", "compute_or_load")
         self.first, self.hashes, self.blocks, self.mode = first, hashes, blocks, mode
+        self.started = time.perf_counter()
+        self.predicted_s = predicted_s      # what `TierCosts.estimates` expected of this way
+        self.met_s: float | None = None     # from the start until the request took the blocks
         self.end = first + len(hashes)
         self.frontier = self.end
         # where the two should meet by the measured speeds: the prefill computes the head up
@@ -282,6 +285,7 @@ class TierLoad:
         free now (the others are freed at the loader's `finish`, once it writes no more)."""
         with self._lock:
             assert at >= self.frontier, "the loader has not written these positions"
+            self.met_s = time.perf_counter() - self.started
             return self._stop(max(0, min(at, self.end) - self.first))
 
     def cancel(self) -> list[int]:
@@ -357,15 +361,21 @@ class TierCosts:
     """How a request brings up blocks a lower tier holds, by measured speeds: the loader's
     seconds per block (per tier, from priors until measured), the instance's prefill seconds
     per token (`ReuseCosts`), a fixed call latency. Compute-or-load, computing and loading at
-    once, takes about the time of both rates added (it assumes the two run in parallel: on a
-    CPU they share the cores); it needs pool room for every block below up front, like a load."""
+    once, would take the time of both rates added if the two ran fully in parallel; on a CPU
+    they share the cores (the loader unpacks and writes blocks, the prefill computes), so that
+    estimate is multiplied by `overlap`, the measured ratio of what compute-or-load runs took to
+    what they were expected to take (1 until measured). It needs pool room for every block
+    below up front, like a load."""
 
     ALPHA = 0.2
     PRIORS = {"host": 2e-3, "disk": 5e-3}
+    OVERLAP_RANGE = (0.25, 8.0)     # one odd run (a step of other work between) moves it little
 
     def __init__(self):
         self.load_s_per_block = dict(self.PRIORS)
         self.call_s = 0.005
+        self.overlap = 1.0
+        self.overlap_runs = 0
 
     def observe_load(self, tier: str, blocks: int, seconds: float) -> None:
         if blocks > 0:
@@ -373,13 +383,21 @@ class TierCosts:
             old = self.load_s_per_block.get(tier, v)
             self.load_s_per_block[tier] = (1 - self.ALPHA) * old + self.ALPHA * v
 
+    def observe_both(self, predicted_s: float | None, seconds: float | None) -> None:
+        """A compute-or-load run took `seconds` where `predicted_s` was expected."""
+        if predicted_s and predicted_s > 0 and seconds is not None and seconds >= 0:
+            lo, hi = self.OVERLAP_RANGE
+            r = min(hi, max(lo, seconds / predicted_s))
+            self.overlap = (1 - self.ALPHA) * self.overlap + self.ALPHA * r
+            self.overlap_runs += 1
+
     def estimates(self, tiers: list[str], block_size: int, prefill_s_per_token: float
                   ) -> dict[str, float]:
         """Seconds each way takes to make the KV of `tiers` (one entry per block) ready."""
         load = self.call_s + sum(self.load_s_per_block.get(t, self.PRIORS["disk"]) for t in tiers)
         compute = len(tiers) * block_size * prefill_s_per_token
         both = 1.0 / (1.0 / max(load, 1e-9) + 1.0 / max(compute, 1e-9)) if tiers else 0.0
-        return {"recompute": compute, "load": load, "compute_or_load": both}
+        return {"recompute": compute, "load": load, "compute_or_load": both * self.overlap}
 
     def head_share(self, tiers: list[str], block_size: int, prefill_s_per_token: float) -> float:
         """The share of `tiers`' blocks compute-or-load should compute (from the head) so that

@@ -134,6 +134,27 @@ def test_costs_choose_by_measured_speeds():
     assert fast.head_share([], 16, 1e-3) == 0.0
 
 
+def test_costs_learn_how_far_compute_and_load_overlap():
+    """Compute-or-load runs that take as long as computing and loading one after the other
+    (they share the cores) make `auto` stop choosing it; runs as expected keep it."""
+    tiers, bs, per_token = ["host"] * 8, 16, 1.6e-4   # load 21 ms, compute 20 ms
+    c = TierCosts()
+    est = c.estimates(tiers, bs, per_token)
+    assert c.choose("auto", tiers, bs, per_token) == "compute_or_load" and c.overlap == 1.0
+    for _ in range(5):
+        c.observe_both(est["compute_or_load"], est["compute_or_load"])      # as expected
+    assert c.overlap == pytest.approx(1.0) and c.overlap_runs == 5
+    assert c.choose("auto", tiers, bs, per_token) == "compute_or_load"
+    serial = est["load"] + est["recompute"]
+    for _ in range(30):
+        c.observe_both(est["compute_or_load"], serial)                       # no overlap at all
+    assert c.overlap == pytest.approx(serial / est["compute_or_load"], rel=0.01)
+    assert c.choose("auto", tiers, bs, per_token) == "recompute"            # the cheaper alone
+    c.observe_both(None, 1.0)                                               # nothing to compare
+    c.observe_both(1e-3, 1e6)                                               # an outlier: capped
+    assert c.overlap <= TierCosts.OVERLAP_RANGE[1] and c.overlap_runs == 36
+
+
 # ---- 2. sessions in the prefix cache ------------------------------------------------------------
 def test_session_blocks_are_protected_until_expiry_and_give_way_last():
     cache = PrefixCache()
@@ -221,7 +242,7 @@ def plan_load(eng, host, prompt, mode, delay=0.0, head_share=1.0):
         threads.append(threading.Thread(target=loader, args=(ld,)))
         threads[-1].start()
     eng.scheduler.start_load = start
-    return (k, hashes[k:], mode, head_share), threads, loads
+    return (k, hashes[k:], mode, head_share, None), threads, loads
 
 
 def run_with_plan(eng, prompt, plan):
@@ -250,6 +271,8 @@ def test_engine_loads_blocks_from_a_tier_identically(models, mode, delay, share)
     eng, host = engine_with_host(models)
     fill_host(eng, host, prompt, rng)
     plan, threads, loads = plan_load(eng, host, prompt, mode, delay, share)
+    met = []
+    eng.scheduler.load_met = met.append
     seq = run_with_plan(eng, prompt, plan)
     assert len(loads) == 1 and loads[0].meet == (int(9 * share) if mode != "load" else 0)
     assert seq.output == hf_greedy(models, prompt, GREEDY.max_new_tokens)
@@ -260,6 +283,12 @@ def test_engine_loads_blocks_from_a_tier_identically(models, mode, delay, share)
         assert m["tier_loaded_tokens"] == 9 * 8 and m["cached_tokens"] == 9 * 8
     if share < 1:                       # the head up to the meeting point, then the loader
         assert m["tier_computed_tokens"] == int(9 * share) * 8
+    # a compute-or-load that met its loader reports how long that took (TierCosts learns it)
+    # (none when nothing came up before the prefill had computed it all)
+    assert met == [] if mode == "load" else met in ([], [loads[0]])
+    assert all(ld.met_s > 0 and ld.predicted_s is None for ld in met)
+    if mode == "compute_or_load" and m["tier_loaded_tokens"] > 0:
+        assert met == [loads[0]]
     settle(eng, threads)
     # the loaded blocks are cached again: the same prompt now hits the pool
     again = eng.generate([prompt], GREEDY)[0]
