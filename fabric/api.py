@@ -6,7 +6,9 @@ Imports `ray` lazily: only this module touches it, and only when a fabric starts
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 import uuid
 
 from fabric.config import FabricConfig, load_config
@@ -22,6 +24,11 @@ NAMESPACE = "kv-fabric"
 SAMPLING_KEYS = {"max_new_tokens", "temperature", "seed", "ignore_eos", "top_p", "top_k", "stop",
                  "stop_token_ids", "session_id", "ttl_s"}
 REQUEST_KEYS = {"id", "prompt", "messages"} | SAMPLING_KEYS
+# The Ray client proxy starts one server process per driver; on busy machines that start fails
+# now and then (the new process dies at once, or does not open its port in time), before the
+# driver has reached anything: `ray://` connections are tried again, up to this many times.
+CLIENT_CONNECT_ATTEMPTS = 3
+CLIENT_START_FAILURES = ("Starting Ray client server failed", "Proxy failed to Connect to backend")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -73,8 +80,27 @@ def _init_ray(address: str | None, cfg: FabricConfig | None) -> bool:
         auth.local_cluster_started(before)   # Ray sets RAY_AUTH_MODE=token here: not the user's
         return True
     with _use_token_auth(address):       # FabricError naming the cause when it fails
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        for attempt in range(1, CLIENT_CONNECT_ATTEMPTS + 1):
+            try:
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+                break
+            except ConnectionAbortedError as e:      # what the client raises for both
+                if not (address.startswith("ray://") and client_start_failed(e)) \
+                        or attempt == CLIENT_CONNECT_ATTEMPTS:
+                    raise
+                print(f"kv-fabric: the Ray client server for this driver did not start at "
+                      f"{address} (attempt {attempt} of {CLIENT_CONNECT_ATTEMPTS}): trying "
+                      f"again", file=sys.stderr)
+                time.sleep(attempt)
     return False
+
+
+def client_start_failed(error: BaseException) -> bool:
+    """True for the Ray client's answer when the proxy could not start this driver's server
+    (nothing was reached: connecting again is safe)."""
+    text = str(error)
+    return "Initialization failure from server" in text and \
+        any(marker in text for marker in CLIENT_START_FAILURES)
 
 
 def _resolve_cpus(cfg: FabricConfig, embedded: bool) -> FabricConfig:

@@ -70,3 +70,24 @@ def test_refused_connection_says_why(head):
                           "fabric.start(address='ray://127.0.0.1:1')"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "could not connect to Ray" in bad.stderr
+
+
+def test_client_server_start_failure_is_told_apart():
+    """`ray://` connects are tried again only when the proxy could not start this driver's
+    server: the texts Ray's client raises then (from its proxier and worker), and not for a
+    refused token, an unknown fabric or a server that did start and failed later."""
+    from fabric.api import client_start_failed
+
+    started = ConnectionAbortedError("Initialization failure from server:\nTraceback (most "
+                                     "recent call last):\nRuntimeError: Starting Ray client "
+                                     "server failed. See ray_client_server_23001.err for "
+                                     "detailed logs.")
+    no_channel = ConnectionAbortedError("Initialization failure from server:\nRuntimeError: "
+                                        "Proxy failed to Connect to backend! Check "
+                                        "`ray_client_server.err`")
+    assert client_start_failed(started) and client_start_failed(no_channel)
+    for other in (ConnectionAbortedError("Initialization failure from server:\nValueError: "
+                                         "bad runtime_env"),
+                  ConnectionError("ray client connection timeout"),
+                  RuntimeError("Starting Ray client server failed")):   # not from the init
+        assert not client_start_failed(other), other
