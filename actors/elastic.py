@@ -99,6 +99,7 @@ class ElasticManager:
         self._next_standby_check = 0.0
         self.epoch = 0
         self.events: list[dict] = []
+        self.scaling: dict | None = None    # {"from", "to", "reason"} while a scale is under way
         self.start_event: dict | None = None
         self.placement: dict = {}
         self.placement_report: dict = {}
@@ -225,14 +226,11 @@ class ElasticManager:
                     from_disk = False
             if from_disk:
                 try:
-                    cost = ray.get(store.load.remote(), timeout=left())
-                    with self.publish_lock:
-                        self.stores[node_id], self.store_costs[node_id] = store, cost
+                    return self._published(node_id, store, store.load.remote(), left)
                 finally:
                     with self.publish_lock:
                         self.reading = None
                     reading.set()
-                return ray.get(store.manifest.remote(), timeout=left()), cost
             if not peers:                     # another node is reading the checkpoint
                 reading.wait(left())
                 continue
@@ -244,10 +242,15 @@ class ElasticManager:
                         if self.stores.get(peer_node) is peer:
                             self.stores.pop(peer_node)
                     continue
-                cost = ray.get(store.copy_from.remote(manifest), timeout=left())
-                with self.publish_lock:
-                    self.stores[node_id], self.store_costs[node_id] = store, cost
-                return ray.get(store.manifest.remote(), timeout=left()), cost
+                return self._published(node_id, store, store.copy_from.remote(manifest), left)
+
+    def _published(self, node_id: str, store, filling, left) -> tuple[dict, dict]:
+        """Wait for `store` to fill (`filling`: its load or copy call), record it as `node_id`'s
+        copy, and return its manifest and what filling it cost."""
+        cost = ray.get(filling, timeout=left())
+        with self.publish_lock:
+            self.stores[node_id], self.store_costs[node_id] = store, cost
+        return ray.get(store.manifest.remote(), timeout=left()), cost
 
     # ---- membership ----------------------------------------------------------------------
     def start(self, count: int) -> dict:
@@ -653,9 +656,15 @@ class ElasticManager:
         current = len(self.names)
         if replicas == current:
             return {}
-        event = self._scale_up(replicas) if replicas > current else self._scale_down(replicas)
-        event["reason"] = reason
-        self.events.append(event)
+        # the replica set switches part-way through: until the event is recorded, stats say a
+        # scale is under way, so that `replicas` and `scale_events` are never read as settled
+        self.scaling = {"from": current, "to": replicas, "reason": reason}
+        try:
+            event = self._scale_up(replicas) if replicas > current else self._scale_down(replicas)
+            event["reason"] = reason
+            self.events.append(event)
+        finally:
+            self.scaling = None
         return event
 
     def _scale_up(self, target: int) -> dict:
@@ -814,6 +823,7 @@ class ElasticManager:
         with self.phase_lock:
             starting = {n: dict(p) for n, p in self.phases.items()}
         return {"replicas": len(self.names), "scale_events": list(self.events),
+                "scaling": self.scaling,
                 "dead": sorted(self.dead), "replaced": self.num_replaced,
                 "replace_error": self.replace_error, "starting": starting,
                 "start": self.start_event, "epoch": self.epoch,
