@@ -259,13 +259,21 @@ class ElasticManager:
         with self.scale_lock:
             names = [f"kvfabric-{self.fabric_name}-instance-{i}" for i in range(count)]
             handles = self._launch(list(range(count)), names)
-            self._wait_ready(handles, names)
+            # standbys warm up (a process, torch, the tokenizer) beside the replicas' start,
+            # not over the first requests after it
+            self._refill_standbys(starting=True)
+            try:
+                self._wait_ready(handles, names)      # kills the replicas when it fails
+            except BaseException:
+                with self.standby_lock:
+                    self._kill_standbys()
+                    self.standbys = []
+                raise
             self._connect(handles, ["connect"] * count)
             self._publish(names, handles)
             costs = ray.get([h.weights_report.remote() for h in handles], timeout=CONTROL_TIMEOUT_S)
             self._replan_experts()
             self.start_event = self._event(0, count, t0, costs) | {"kind": "start"}
-        self._refill_standbys()
         if self.policy is not None:
             threading.Thread(target=self._policy_loop, name="autoscale", daemon=True).start()
         return self.members()
@@ -336,13 +344,15 @@ class ElasticManager:
         except Exception:
             return "dead"
 
-    def _refill_standbys(self) -> None:
-        """Keep `instances.standbys` standbys on every node with an instance's CPUs, once the
-        fabric serves; dead ones are dropped. CPU only: a GPU standby would hold its GPU."""
+    def _refill_standbys(self, starting: bool = False) -> None:
+        """Keep `instances.standbys` standbys on every node with an instance's CPUs, from the
+        fabric's start (`starting`: the replicas are launched, not yet serving); dead ones are
+        dropped. CPU only: a GPU standby would hold its GPU."""
         from actors.launch import new_standby
 
         inst = self.cfg.instances
-        if not inst.standbys or inst.device == "cuda" or self.stopped or not self.names:
+        if not inst.standbys or inst.device == "cuda" or self.stopped or \
+                not (self.names or starting):
             return
         with self.standby_lock:
             for s in [s for s in self.standbys if self._standby_state(s) == "dead"]:
