@@ -874,7 +874,7 @@ class InstanceActor(HandoffMixin, TransportHost):
         mode = costs.choose(cfg.prefill, tiers, bs, per_token)
         self.waiting_loads[req_id] = (0, hashes[: k + len(below)], mode,
                                       costs.head_share(tiers, bs, per_token),
-                                      costs.estimates(tiers, bs, per_token)[mode])
+                                      costs.parallel_s(tiers, bs, per_token))
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def tier_stats(self) -> dict:

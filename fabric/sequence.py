@@ -74,7 +74,7 @@ class Sequence:
     lease: tuple | None = None             # (holder, first block, block ids) pinned there
     # KV tiers (fabric/tiers.py): prompt blocks coming up from the node's host or disk tier
     tier_plan: tuple | None = None         # (first position, hashes, way, head share,
-                                           #  expected seconds): found below
+                                           #  parallel seconds): found below
     tier_load: object = None               # fabric.tiers.TierLoad while it runs
     tier: dict = field(default_factory=dict)   # how its prefix came up, for `metrics`
     block_table: BlockTable = field(default_factory=BlockTable)   # its table's tensor, per step

@@ -243,7 +243,7 @@ class TierLoad:
         assert len(hashes) == len(blocks) and mode in ("load", "compute_or_load")
         self.first, self.hashes, self.blocks, self.mode = first, hashes, blocks, mode
         self.started = time.perf_counter()
-        self.predicted_s = predicted_s      # what `TierCosts.estimates` expected of this way
+        self.predicted_s = predicted_s      # `TierCosts.parallel_s` of its blocks, at planning
         self.met_s: float | None = None     # from the start until the request took the blocks
         self.end = first + len(hashes)
         self.frontier = self.end
@@ -384,7 +384,7 @@ class TierCosts:
             self.load_s_per_block[tier] = (1 - self.ALPHA) * old + self.ALPHA * v
 
     def observe_both(self, predicted_s: float | None, seconds: float | None) -> None:
-        """A compute-or-load run took `seconds` where `predicted_s` was expected."""
+        """A compute-or-load run took `seconds` where `parallel_s` predicted `predicted_s`."""
         if predicted_s and predicted_s > 0 and seconds is not None and seconds >= 0:
             lo, hi = self.OVERLAP_RANGE
             r = min(hi, max(lo, seconds / predicted_s))
@@ -394,10 +394,22 @@ class TierCosts:
     def estimates(self, tiers: list[str], block_size: int, prefill_s_per_token: float
                   ) -> dict[str, float]:
         """Seconds each way takes to make the KV of `tiers` (one entry per block) ready."""
-        load = self.call_s + sum(self.load_s_per_block.get(t, self.PRIORS["disk"]) for t in tiers)
-        compute = len(tiers) * block_size * prefill_s_per_token
-        both = 1.0 / (1.0 / max(load, 1e-9) + 1.0 / max(compute, 1e-9)) if tiers else 0.0
+        load, compute = self._sides(tiers, block_size, prefill_s_per_token)
+        both = self.parallel_s(tiers, block_size, prefill_s_per_token)
         return {"recompute": compute, "load": load, "compute_or_load": both * self.overlap}
+
+    def parallel_s(self, tiers: list[str], block_size: int, prefill_s_per_token: float) -> float:
+        """Compute-or-load's time were the loader and the prefill fully parallel: both rates
+        added (what `observe_both` compares a run against)."""
+        if not tiers:
+            return 0.0
+        load, compute = self._sides(tiers, block_size, prefill_s_per_token)
+        return 1.0 / (1.0 / max(load, 1e-9) + 1.0 / max(compute, 1e-9))
+
+    def _sides(self, tiers, block_size, prefill_s_per_token) -> tuple[float, float]:
+        """(seconds to load `tiers`' blocks, seconds to compute them)."""
+        load = self.call_s + sum(self.load_s_per_block.get(t, self.PRIORS["disk"]) for t in tiers)
+        return load, len(tiers) * block_size * prefill_s_per_token
 
     def head_share(self, tiers: list[str], block_size: int, prefill_s_per_token: float) -> float:
         """The share of `tiers`' blocks compute-or-load should compute (from the head) so that

@@ -97,6 +97,20 @@ def all_idle_and_free(fab, pinned_too: bool = True) -> bool:
         (not pinned_too or all(p["blocks_pinned_for_others"] == 0 for p in per.values()))
 
 
+def decode_over_a_lease(fab, prompts, n: int, holder: int):
+    """Generate `prompts` (sharing the prefix `holder` caches) in a thread; return (thread,
+    its results' dict) once the other instance's request reads the prefix leased there."""
+    settle(fab)
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.update(r=fab.generate(
+        prompts, max_new_tokens=n, ignore_eos=True)))
+    worker.start()
+    reader = 1 - holder
+    assert wait_until(lambda: prefix_totals(fab)["instances"][reader]["leased_hits"] > 0,
+                      timeout_s=120), "no request leased the holder's prefix"
+    return worker, out
+
+
 # ---- 8. a prefix cached on another instance: lease, copy, recompute ---------------------------
 @pytest.mark.parametrize("mode", ["lease", "copy", "recompute"])
 def test_prefix_cached_on_another_instance(local_ray, reference, mode):
@@ -166,14 +180,7 @@ def test_holder_killed_while_a_leased_request_decodes(local_ray, reference):
         (r0,) = fab.generate([prompts[0]], max_new_tokens=4, ignore_eos=True)
         holder = r0.home
         assert wait_until(lambda: prefix_totals(fab)["index_blocks"] > 0)
-        settle(fab)
-        out: dict = {}
-        worker = threading.Thread(target=lambda: out.update(r=fab.generate(
-            prompts[1:], max_new_tokens=n, ignore_eos=True)))
-        worker.start()
-        reader = 1 - holder
-        assert wait_until(lambda: prefix_totals(fab)["instances"][reader]["leased_hits"] > 0,
-                          timeout_s=120), "no request leased the holder's prefix"
+        worker, out = decode_over_a_lease(fab, prompts[1:], n, holder)
         ray.kill(fab.instances[holder], no_restart=True)
         worker.join(timeout=600)
         assert not worker.is_alive(), "a request hung after its prefix's holder died"
@@ -207,14 +214,7 @@ def test_scale_down_while_a_request_reads_a_leased_prefix(local_ray, reference, 
         holder = warm[want].home
         assert holder == want, [r.home for r in warm]
         assert wait_until(lambda: prefix_totals(fab)["index_blocks"] > 0)
-        settle(fab)
-        out: dict = {}
-        worker = threading.Thread(target=lambda: out.update(r=fab.generate(
-            prompts[1:], max_new_tokens=n, ignore_eos=True)))
-        worker.start()
-        reader = 1 - holder
-        assert wait_until(lambda: prefix_totals(fab)["instances"][reader]["leased_hits"] > 0,
-                          timeout_s=120), "no request leased the holder's prefix"
+        worker, out = decode_over_a_lease(fab, prompts[1:], n, holder)
         assert worker.is_alive(), f"the requests ended before the scale-down: raise n ({n})"
         event = fab.scale(1)
         worker.join(timeout=600)

@@ -139,16 +139,18 @@ def test_costs_learn_how_far_compute_and_load_overlap():
     (they share the cores) make `auto` stop choosing it; runs as expected keep it."""
     tiers, bs, per_token = ["host"] * 8, 16, 1.6e-4   # load 21 ms, compute 20 ms
     c = TierCosts()
-    est = c.estimates(tiers, bs, per_token)
-    assert c.choose("auto", tiers, bs, per_token) == "compute_or_load" and c.overlap == 1.0
+    est, parallel = c.estimates(tiers, bs, per_token), c.parallel_s(tiers, bs, per_token)
+    assert est["compute_or_load"] == parallel and c.overlap == 1.0
+    assert c.choose("auto", tiers, bs, per_token) == "compute_or_load"
     for _ in range(5):
-        c.observe_both(est["compute_or_load"], est["compute_or_load"])      # as expected
+        c.observe_both(parallel, parallel)                                  # as expected
     assert c.overlap == pytest.approx(1.0) and c.overlap_runs == 5
     assert c.choose("auto", tiers, bs, per_token) == "compute_or_load"
     serial = est["load"] + est["recompute"]
-    for _ in range(30):
-        c.observe_both(est["compute_or_load"], serial)                       # no overlap at all
-    assert c.overlap == pytest.approx(serial / est["compute_or_load"], rel=0.01)
+    for _ in range(30):          # no overlap at all: the estimate follows the runs, not their root
+        c.observe_both(c.parallel_s(tiers, bs, per_token), serial)
+    assert c.overlap == pytest.approx(serial / parallel, rel=0.01)
+    assert c.estimates(tiers, bs, per_token)["compute_or_load"] == pytest.approx(serial, rel=0.01)
     assert c.choose("auto", tiers, bs, per_token) == "recompute"            # the cheaper alone
     c.observe_both(None, 1.0)                                               # nothing to compare
     c.observe_both(1e-3, 1e6)                                               # an outlier: capped
