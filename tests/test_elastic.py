@@ -157,7 +157,11 @@ def test_lent_blocks_move_home_and_scale_is_refused_when_a_request_cannot_fit(lo
         (ref,) = fab.generate([long_], max_new_tokens=30, ignore_eos=True)
         # The setup needs the filler still at home when the long request arrives; on busy
         # cores the filler may finish first (the long request then borrows from one creditor
-        # only), so the setup runs again, up to 3 times.
+        # only), so the setup runs again, up to 3 times. The home is then paused (it stops
+        # stepping between two steps), so that the long request still holds its borrowed
+        # blocks when the scale-down comes, however slow the cores; the scale's data-plane
+        # switch resumes it.
+        home = fab.instances[0]
         for _ in range(3):
             fab._next_home = 0
             filler = fab.stream(short, max_new_tokens=12, ignore_eos=True)   # 9 blocks at home 0
@@ -166,9 +170,11 @@ def test_lent_blocks_move_home_and_scale_is_refused_when_a_request_cannot_fit(lo
             stream = fab.stream(long_, max_new_tokens=30, ignore_eos=True)   # borrows from 1, 2
             got = [next(stream) for _ in range(3)]
             list(filler)
+            assert ray.get(home.pause.remote(), timeout=60)
             lent = {s["id"]: s["blocks_lent"] for s in fab.stats()["instances"]}
             if lent[1] > 0 and lent[2] > 0:
                 break
+            ray.get(home.resume.remote(), timeout=60)
             assert got + list(stream) == ref.tokens
             assert wait_for(lambda: all(s["blocks_lent"] == 0 for s in fab.stats()["instances"]),
                             60), "the long request's borrowed blocks were not given back"
@@ -177,6 +183,7 @@ def test_lent_blocks_move_home_and_scale_is_refused_when_a_request_cannot_fit(lo
             fab.scale(1)                          # 20 blocks never fit in one replica of 16
         assert fab.stats()["elastic"]["replicas"] == 3
         event = fab.scale(2)                      # replica 2's lent blocks move to the home
+        ray.get(home.resume.remote(), timeout=60)    # (the switch has resumed it already)
         assert event["lent_blocks_relocated"] >= 1
         assert event["lent_blocks_relocated"] + event["lent_blocks_returned"] == lent[2]
         assert event["debtor_requests_recomputed"] == 0
