@@ -359,22 +359,25 @@ def test_checkpoint_shard_index_names_a_missing_file(checkpoint, tmp_path):
         load_model(None, path=path)
 
 
+def edited(**fields):
+    """A damage that sets `fields` in the copy's config.json."""
+    return lambda d, c: broken(c, d, edit_config=lambda h: h.update(fields))
+
+
 CORRUPTIONS = {   # name: (how the copy is broken, what the ConfigError says)
     "config_not_object": (lambda d, c: (d / "config.json").write_text("[1, 2]"),
                           "config.json holds a list, not an object"),
-    "field_wrong_type": (lambda d, c: broken(c, d, edit_config=lambda h: h.update(hidden_size="64")),
+    "field_wrong_type": (edited(hidden_size="64"),
                          "field 'hidden_size' is '64', expected a positive integer"),
-    "negative_size": (lambda d, c: broken(c, d, edit_config=lambda h: h.update(hidden_size=-64)),
+    "negative_size": (edited(hidden_size=-64),
                       "field 'hidden_size' is -64, expected a positive integer"),
-    "size_a_bool": (lambda d, c: broken(c, d, edit_config=lambda h: h.update(num_hidden_layers=True)),
+    "size_a_bool": (edited(num_hidden_layers=True),
                     "field 'num_hidden_layers' is True, expected a positive integer"),
-    "eps_a_string": (lambda d, c: broken(c, d, edit_config=lambda h: h.update(rms_norm_eps="1e-5")),
+    "eps_a_string": (edited(rms_norm_eps="1e-5"),
                      "field 'rms_norm_eps' is '1e-5', expected a positive number"),
-    "heads_not_divisible": (lambda d, c: broken(c, d, edit_config=lambda h: h.update(
-                                num_key_value_heads=3)),
+    "heads_not_divisible": (edited(num_key_value_heads=3),
                             "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
-    "architectures_a_string": (lambda d, c: broken(c, d, edit_config=lambda h: h.update(
-                                   architectures="LlamaForCausalLM")),
+    "architectures_a_string": (edited(architectures="LlamaForCausalLM"),
                                "field 'architectures' is 'LlamaForCausalLM', expected a list"),
     "config_not_utf8": (lambda d, c: (d / "config.json").write_bytes(b"\xff\xfe{}"),
                         "config.json is not valid JSON"),
@@ -388,7 +391,7 @@ CORRUPTIONS = {   # name: (how the copy is broken, what the ConfigError says)
                                  json.dumps({"weight_map": {"lm_head.weight": 7}})),
                              "index.json has no \"weight_map\" object"),
     "index_names_a_path": (lambda d, c: (d / "model.safetensors.index.json").write_text(
-                               json.dumps({"weight_map": {"lm_head.weight": "../model.safetensors"}})),
+                               json.dumps({"weight_map": {"lm_head.weight": "../x.safetensors"}})),
                            "names a file outside the checkpoint directory"),
 }
 
