@@ -265,9 +265,7 @@ class ElasticManager:
             try:
                 self._wait_ready(handles, names)      # kills the replicas when it fails
             except BaseException:
-                with self.standby_lock:
-                    self._kill_standbys()
-                    self.standbys = []
+                self._drop_standbys()
                 raise
             self._connect(handles, ["connect"] * count)
             self._publish(names, handles)
@@ -332,6 +330,12 @@ class ElasticManager:
                     self._kill(ray.get_actor(n, namespace=self.namespace), n)
                 except ValueError:          # it just died
                     pass
+
+    def _drop_standbys(self) -> None:
+        """Kill every standby and forget them."""
+        with self.standby_lock:
+            self._kill_standbys()
+            self.standbys = []
 
     def _standby_state(self, standby: tuple) -> str:
         """"starting" (still importing), "ready" or "dead"."""
@@ -856,9 +860,7 @@ class ElasticManager:
             _internal_kv_del(self._record_key(), namespace=self.namespace)
         except Exception:
             pass
-        with self.standby_lock:      # and the standbys and the reservations
-            self._kill_standbys()
-            self.standbys = []
+        self._drop_standbys()        # and the standbys and the reservations
         for pg in ray.util.placement_group_table().values():
             if pg["name"].startswith(self._standby_prefix()) and pg["state"] != "REMOVED":
                 ray.util.remove_placement_group(ray.util.get_placement_group(pg["name"]))

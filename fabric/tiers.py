@@ -395,16 +395,13 @@ class TierCosts:
                   ) -> dict[str, float]:
         """Seconds each way takes to make the KV of `tiers` (one entry per block) ready."""
         load, compute = self._sides(tiers, block_size, prefill_s_per_token)
-        both = self.parallel_s(tiers, block_size, prefill_s_per_token)
+        both = _parallel(load, compute) if tiers else 0.0
         return {"recompute": compute, "load": load, "compute_or_load": both * self.overlap}
 
     def parallel_s(self, tiers: list[str], block_size: int, prefill_s_per_token: float) -> float:
         """Compute-or-load's time were the loader and the prefill fully parallel: both rates
         added (what `observe_both` compares a run against)."""
-        if not tiers:
-            return 0.0
-        load, compute = self._sides(tiers, block_size, prefill_s_per_token)
-        return 1.0 / (1.0 / max(load, 1e-9) + 1.0 / max(compute, 1e-9))
+        return _parallel(*self._sides(tiers, block_size, prefill_s_per_token)) if tiers else 0.0
 
     def _sides(self, tiers, block_size, prefill_s_per_token) -> tuple[float, float]:
         """(seconds to load `tiers`' blocks, seconds to compute them)."""
@@ -427,6 +424,11 @@ class TierCosts:
             return policy
         est = self.estimates(tiers, block_size, prefill_s_per_token)
         return min(est, key=est.get)
+
+
+def _parallel(load: float, compute: float) -> float:
+    """Seconds for two workers at these rates (seconds for all of it alone) splitting the work."""
+    return 1.0 / (1.0 / max(load, 1e-9) + 1.0 / max(compute, 1e-9))
 
 
 def tier_totals(instances: list[dict], nodes: list[dict], index: dict) -> dict:

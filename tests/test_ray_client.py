@@ -74,8 +74,8 @@ def test_refused_connection_says_why(head):
 
 def test_client_server_start_failure_is_told_apart():
     """`ray://` connects are tried again only when the proxy could not start this driver's
-    server: the texts Ray's client raises then (from its proxier and worker), and not for a
-    refused token, an unknown fabric or a server that did start and failed later."""
+    server: the texts Ray's client raises then (from its proxier and worker); not for another
+    init failure, a connection timeout, or the proxier's text outside an init failure."""
     from fabric.api import client_start_failed
 
     started = ConnectionAbortedError("Initialization failure from server:\nTraceback (most "
