@@ -359,7 +359,8 @@ class HandoffMixin:
 
     @ray.method(concurrency_group="control")
     def weights_report(self) -> dict:
-        return dict(self.weights)
+        model = self.engine.model
+        return dict(self.weights, linear_kernel=model.linear_kernel, packed_bytes=model.packed_bytes)
 
     def touch_weights(self) -> float:
         """Touch every page of the weights once (as a first forward pass does); returns the

@@ -57,6 +57,11 @@ CONTROL_GROUP = "control"      # concurrency group of control calls
 LIFELINE_GROUP = "lifeline"    # the elastic manager's death watch (`lifeline`)
 # Fault injection for tests: the constructor sleeps this many seconds (a slow checkpoint load).
 STARTUP_DELAY_ENV = "KV_FABRIC_TESTING_STARTUP_DELAY_S"
+# The linear weights' oneDNN copies (model.linear_kernel) are made by the engine thread once the
+# instance is up, so they add nothing to its start: about this many seconds of packing between
+# steps while it serves, more while it is idle.
+PACK_BUSY_S = 0.005
+PACK_IDLE_S = 0.05
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,7 @@ class InstanceActor(HandoffMixin, TransportHost):
             self._phase("constructing")
         self.weights: dict = {}
         self.engine = self._build_engine()
+        self.packing = self.engine.model.left_to_pack > 0
         self._phase("loading the tokenizer")
         self._attach_tokenizer()
         self._phase("starting its threads")
@@ -190,7 +196,8 @@ class InstanceActor(HandoffMixin, TransportHost):
             state, mapped = map_weights(manifest)
             t_map = time.perf_counter()
             self._phase("building the model")
-            model = build_model(manifest["args"], state, m.dtype, device)
+            model = build_model(manifest["args"], state, m.dtype, device, m.linear_kernel,
+                                pack=False)
             t_build = time.perf_counter()
             self.weights = {"bytes_mapped": mapped if device == "cpu" else 0,
                             "bytes_copied": cost["bytes_copied"] + (mapped if device != "cpu" else 0),
@@ -199,7 +206,7 @@ class InstanceActor(HandoffMixin, TransportHost):
                             "build_s": t_build - t_map}
         else:
             self._phase("loading the weights")
-            model = load_model(m.preset, m.path, m.dtype, m.seed, device)
+            model = load_model(m.preset, m.path, m.dtype, m.seed, device, m.linear_kernel, pack=False)
             from autoscale.weights import checkpoint_bytes
 
             self.weights = {"bytes_mapped": 0, "bytes_copied": 0,
@@ -400,6 +407,9 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.parked.clear()
         self._maybe_fault("engine_loop")
         self._admit()
+        if self.packing:      # the linear weights' oneDNN copies, a few at a time, in this thread
+            self.packing = not self.engine.model.pack_some(
+                PACK_BUSY_S if self.engine.has_unfinished() else PACK_IDLE_S)
         if not self.engine.has_unfinished():
             self._release_idle_spares()
             self.wake.wait(0.05)

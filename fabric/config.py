@@ -21,6 +21,7 @@ DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("auto", "torch", "ray")
 REMOTE_PREFIX = ("auto", "lease", "copy", "recompute")
 PREFILL_POLICIES = ("auto", "compute_or_load", "load", "recompute")   # fabric/tiers.py
+LINEAR_KERNELS = ("auto", "onednn", "torch")          # fabric/model/linear.py
 
 
 def _positive(path: str, value: float) -> None:
@@ -44,6 +45,9 @@ class ModelConfig:
     path: str | None = None
     dtype: str = "float32"
     seed: int = 0
+    # linear layers: "onednn" (weights packed once, a second copy of them), "torch" (F.linear),
+    # "auto" (oneDNN on the CPU where it runs for the dtype, else torch)
+    linear_kernel: str = "auto"
 
     def validate(self, prefix: str) -> None:
         if self.path is None:
@@ -64,6 +68,7 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.path: {self.path!r} is not a directory (nor a .gguf "
                               f"file)")
         _one_of(f"{prefix}.dtype", self.dtype, DTYPES)
+        _one_of(f"{prefix}.linear_kernel", self.linear_kernel, LINEAR_KERNELS)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import torch
 
 from fabric.engine import Engine
 from fabric.model import load_model, save_checkpoint
+from fabric.model.linear import onednn_works
 from fabric.sequence import SamplingParams
 
 transformers = pytest.importorskip("transformers")
@@ -28,7 +29,9 @@ def models(request, tmp_path_factory):
     save_checkpoint(ours, str(path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     reloaded = load_model(None, path=str(path), dtype="float32")
-    return ours, reloaded, hf
+    # the default kernel: oneDNN with packed weights where it runs, so that is what is compared
+    assert reloaded.linear_kernel == ("onednn" if onednn_works(torch.float32) else "torch")
+    return ours, reloaded, hf, path
 
 
 def random_prompts(seed: int, lengths: list[int], vocab: int = 256) -> list[list[int]]:
@@ -38,7 +41,7 @@ def random_prompts(seed: int, lengths: list[int], vocab: int = 256) -> list[list
 
 @pytest.mark.parametrize("block_size,max_batch_tokens", [(16, 256), (5, 7), (1, 64)])
 def test_greedy_matches_transformers(models, block_size, max_batch_tokens):
-    _, ours, hf = models
+    _, ours, hf, _ = models
     prompts = random_prompts(block_size, [1, 9, 23, 40])
     engine = Engine(ours, kv_blocks=200, block_size=block_size, max_batch_tokens=max_batch_tokens)
     got = engine.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
@@ -48,8 +51,20 @@ def test_greedy_matches_transformers(models, block_size, max_batch_tokens):
     assert engine.rm.num_free == 200
 
 
+def test_greedy_matches_transformers_with_torch_linears(models):
+    """`model.linear_kernel: torch` (F.linear on the weights as stored) gives the same tokens."""
+    _, _, hf, path = models
+    plain = load_model(None, path=str(path), dtype="float32", linear_kernel="torch")
+    assert plain.linear_kernel == "torch"
+    prompts = random_prompts(21, [5, 30])
+    got = Engine(plain, kv_blocks=64, block_size=8).generate(
+        prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    for p, seq in zip(prompts, got):
+        assert seq.output == hf_greedy(hf, p, 12), f"prompt of {len(p)} tokens diverged"
+
+
 def test_preset_and_its_checkpoint_agree(models):
-    ours, reloaded, _ = models
+    ours, reloaded, _, _ = models
     prompts = random_prompts(3, [17])
     a = Engine(ours, 32, 8).generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
     b = Engine(reloaded, 32, 8).generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
@@ -57,7 +72,7 @@ def test_preset_and_its_checkpoint_agree(models):
 
 
 def test_preemption_recomputes_identically(models):
-    _, ours, hf = models
+    _, ours, hf, _ = models
     prompts = random_prompts(5, [30, 30, 30])
     # 3 requests x 6 blocks at the end, only 12 blocks: someone is preempted and recomputed.
     engine = Engine(ours, kv_blocks=12, block_size=8, max_batch_tokens=64)

@@ -27,7 +27,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64,
 
 
 def load_model(preset: str | None = "tiny-llama", path: str | None = None, dtype: str = "float32",
-               seed: int = 0, device: str = "cpu") -> Transformer:
+               seed: int = 0, device: str = "cpu", linear_kernel: str = "auto",
+               pack: bool = True) -> Transformer:
     """The model of a `model:` config section, in eval mode on `device`. A file preset
     (`smollm2-135m-instruct`) is its checkpoint file: the config edge has already resolved it
     to `path`, and this does the same for a direct call."""
@@ -39,7 +40,7 @@ def load_model(preset: str | None = "tiny-llama", path: str | None = None, dtype
     else:
         args = PRESETS[preset]
         state = random_state_dict(args, seed)
-    return build_model(args, state, dtype, device)
+    return build_model(args, state, dtype, device, linear_kernel, pack)
 
 
 _NO_INIT_LOCK = threading.RLock()
@@ -62,7 +63,10 @@ def _no_init():
 
 
 def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: str = "float32",
-                device: str = "cpu") -> Transformer:
+                device: str = "cpu", linear_kernel: str = "auto", pack: bool = True) -> Transformer:
+    """The model on `device` in eval mode, its linear weights packed as `linear_kernel` says
+    (`model.linear_kernel`: fabric/model/linear.py); `pack` False leaves the packing to
+    `model.pack_some` (the kernel is still checked here)."""
     with torch.device("meta"), _no_init():
         model = Transformer(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -73,7 +77,14 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: str = "f
         moe = getattr(layer, "block_sparse_moe", None)
         if moe is not None:
             moe.tokens_per_expert = torch.zeros(args.num_experts, dtype=torch.int64)
-    return model.to(device=device, dtype=DTYPES[dtype]).eval()
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    try:
+        model.begin_packing(linear_kernel)
+        if pack:
+            model.pack_some(float("inf"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return model
 
 
 def _check_tensors(expected: dict, state: dict) -> None:

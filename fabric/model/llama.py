@@ -2,11 +2,14 @@
 
 Parameter names follow the Hugging Face checkpoints, so loading is a name-for-name copy.
 Attention is delegated to `attn(layer_idx, q, k, v) -> out`, supplied per step by the engine:
-that is where the paged pool, and borrowed KV on other instances, come in.
+that is where the paged pool, and borrowed KV on other instances, come in. Linear layers run
+through oneDNN with packed weights on the CPU once `Transformer.pack_linears` has run
+(`fabric/model/linear.py`).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fabric.model.args import ModelArgs
+from fabric.model.linear import Linear, PackedWeight, pack_linears, resolve
 from fabric.model.rope import RotaryEmbedding, rotate
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,10 +44,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
-        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=bias)
+        self.q_proj = Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
+        self.k_proj = Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=bias)
 
     def forward(self, x, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnFn):
         t = x.shape[0]
@@ -60,9 +64,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -73,9 +77,9 @@ class Expert(nn.Module):
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.w1 = nn.Linear(hidden, inter, bias=False)
-        self.w2 = nn.Linear(inter, hidden, bias=False)
-        self.w3 = nn.Linear(hidden, inter, bias=False)
+        self.w1 = Linear(hidden, inter, bias=False)
+        self.w2 = Linear(inter, hidden, bias=False)
+        self.w3 = Linear(hidden, inter, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -140,6 +144,55 @@ class Transformer(nn.Module):
         self.model = Decoder(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args)
+        self.head_packed: PackedWeight | None = None
+        self.linear_kernel = "torch"        # "onednn" once every linear weight is packed
+        self.packed_bytes = 0
+        self._to_pack: list = []            # what begin_packing left to pack_some
+
+    def pack_linears(self, kernel: str = "auto") -> str:
+        """Pack every linear weight for oneDNN (`model.linear_kernel`: "auto" where it runs,
+        "onednn", or "torch" for none); again after weights change. Returns the choice."""
+        self.begin_packing(kernel)
+        self.pack_some(float("inf"))
+        return self.linear_kernel
+
+    def begin_packing(self, kernel: str = "auto") -> str:
+        """Choose the kernel now (a ConfigError-worthy ValueError where "onednn" cannot run)
+        and drop any packed copies; the packing itself is left to `pack_some`. Returns the
+        choice; `linear_kernel` says "onednn" only once every weight is packed."""
+        head = self._head_weight()
+        chosen = resolve(kernel, head.device, head.dtype)
+        pack_linears(self, False)
+        self.head_packed, self.linear_kernel, self.packed_bytes = None, "torch", 0
+        self._to_pack = ([None] + [m for m in self.modules() if isinstance(m, Linear)]
+                         if chosen == "onednn" else [])        # None: the lm_head
+        return chosen
+
+    def pack_some(self, budget_s: float) -> bool:
+        """Pack weights left by `begin_packing` for about `budget_s` seconds (at least one);
+        True once none is left. A layer already packed is used from its next call on."""
+        pending = self._to_pack
+        t0 = time.perf_counter()
+        while pending:
+            m = pending.pop(0)
+            if m is None:
+                self.head_packed = PackedWeight(self._head_weight())
+                self.packed_bytes += self.head_packed.nbytes
+            else:
+                self.packed_bytes += pack_linears(m, True)
+            if not pending:
+                self.linear_kernel = "onednn"
+            if time.perf_counter() - t0 >= budget_s:
+                break
+        return not pending
+
+    @property
+    def left_to_pack(self) -> int:
+        """Weights `begin_packing` left that `pack_some` has not packed yet."""
+        return len(self._to_pack)
+
+    def _head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnFn) -> torch.Tensor:
@@ -151,5 +204,7 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
+        weight = self._head_weight()
+        if self.head_packed is not None:
+            return self.head_packed.linear(hidden, weight).float()
         return F.linear(hidden, weight).float()
