@@ -39,15 +39,28 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
 
 
+_LINEAR_POINTWISE = getattr(getattr(torch.ops.mkldnn, "_linear_pointwise", None), "default", None)
+
+
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return _LINEAR_POINTWISE(x, packed, bias, "none", [], "")
+
+
+def min_rows(weight: torch.Tensor) -> int:
+    """The fewest rows at which the packed copy of `weight` is used. A oneDNN call costs about
+    10 us more than `F.linear`'s, which small weights at few rows do not win back (`bench.linear`
+    on 2 cores, float32: a 192 x 576 weight is slower packed up to 32 rows, a 576 x 576 one at
+    1 row, those of a million elements or more are faster at every size)."""
+    n = weight.numel()
+    return 1 if n >= 1 << 19 else 8 if n >= 1 << 18 else 128
 
 
 @functools.cache
 def onednn_works(dtype: torch.dtype) -> bool:
     """Whether this torch and CPU run a packed linear of `dtype` and get `F.linear`'s values
     (probed once per process on a small random layer)."""
-    if dtype not in PACKED_DTYPES or not torch.backends.mkldnn.is_available():
+    if dtype not in PACKED_DTYPES or not torch.backends.mkldnn.is_available() or \
+            _LINEAR_POINTWISE is None:
         return False
     try:
         g = torch.Generator().manual_seed(0)
@@ -67,10 +80,12 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
     packed_key: tuple | None = None
+    packed_min_rows = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed
-        if packed is not None and x.dtype == self.weight.dtype and _key(self.weight) == self.packed_key:
+        if packed is not None and x.numel() >= self.packed_min_rows * x.shape[-1] and \
+                x.dtype == self.weight.dtype and _key(self.weight) == self.packed_key:
             return _packed_linear(x, packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -110,6 +125,7 @@ def pack_linears(model: nn.Module, use: bool) -> int:
         if isinstance(m, Linear):
             if use:
                 m.packed, m.packed_key = _pack(m.weight), _key(m.weight)
+                m.packed_min_rows = min_rows(m.weight)
                 total += m.weight.numel() * m.weight.element_size()
             else:
                 m.packed = m.packed_key = None
