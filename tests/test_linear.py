@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fabric.config import load_config
 from fabric.errors import ConfigError
 from fabric.model import load_model
-from fabric.model.linear import Linear, min_rows, onednn_works, pack_linears
+from fabric.model.linear import Linear, onednn_works, pack_linears
 
 needs_onednn = pytest.mark.skipif(not onednn_works(torch.float32),
                                   reason="torch's oneDNN cannot run packed linears here")
@@ -23,8 +23,6 @@ def packed_layer(out_f: int, in_f: int, bias: bool, dtype, seed: int) -> Linear:
         if bias:
             layer.bias.copy_(torch.randn(out_f, generator=g).to(dtype))
     assert pack_linears(layer, True) == out_f * in_f * layer.weight.element_size()
-    assert layer.packed_min_rows == 128           # a small weight: F.linear below 128 rows
-    layer.packed_min_rows = 1                     # here the packed kernel at every size
     return layer
 
 
@@ -45,19 +43,14 @@ def test_packed_linear_matches_f_linear(dtype, tol, rows, bias):
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
-def test_small_weights_use_the_packed_copy_only_from_enough_rows():
-    assert [min_rows(torch.empty(o, i)) for o, i in ((192, 576), (576, 576), (1536, 576),
-                                                     (49152, 576))] == [128, 8, 1, 1]
-
-
 @needs_onednn
-def test_below_min_rows_f_linear_is_used():
+def test_the_packed_copy_is_what_runs():
     layer = packed_layer(64, 48, False, torch.float32, seed=3)
-    layer.packed_min_rows = 4
     layer.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(64, 48), None)  # a marker
     x = torch.randn(3, 48, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))        # 3 rows: F.linear
-    assert layer(torch.cat([x, x[:1]])).abs().max() == 0                  # 4 rows: the copy
+    assert layer(x).abs().max() == 0
+    layer.packed = None
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
 
 
 @needs_onednn

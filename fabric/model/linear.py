@@ -4,8 +4,11 @@ torch's `F.linear` on the CPU calls MKL's sgemm on the weight as stored ([out, i
 row counts of decoding (1 to a few dozen rows) that reads the weights well below the memory
 rate, and on AMD CPUs MKL takes a slower code path still. oneDNN, which torch ships as well,
 runs an inner product on a copy of the weight reordered once into its blocked layout; on the
-2-core machines of `docs/performance.md` that is 1.3-4x faster at 1-128 rows and no slower at
-prefill sizes. The copy costs as much memory as the weight.
+2-core machine of `docs/performance.md` that is 1.2-3.7x faster for the large weights at every
+row count. A oneDNN call costs about 10 us more than an `F.linear` call, so alone, with its
+weight in cache, a small weight is slower packed at few rows; in the model, where each weight
+comes from memory once a step, packing every weight was faster, so all of them are. The copy
+costs as much memory as the weight.
 
 `Linear` is `nn.Linear` with that copy attached by `pack_linears`. The copy is used only while
 it still describes the weight: the same storage and version and the input's dtype; a weight
@@ -46,15 +49,6 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
     return _LINEAR_POINTWISE(x, packed, bias, "none", [], "")
 
 
-def min_rows(weight: torch.Tensor) -> int:
-    """The fewest rows at which the packed copy of `weight` is used. A oneDNN call costs about
-    10 us more than `F.linear`'s, which small weights at few rows do not win back (`bench.linear`
-    on 2 cores, float32: a 192 x 576 weight is slower packed up to 32 rows, a 576 x 576 one at
-    1 row, those of a million elements or more are faster at every size)."""
-    n = weight.numel()
-    return 1 if n >= 1 << 19 else 8 if n >= 1 << 18 else 128
-
-
 @functools.cache
 def onednn_works(dtype: torch.dtype) -> bool:
     """Whether this torch and CPU run a packed linear of `dtype` and get `F.linear`'s values
@@ -80,12 +74,10 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
     packed_key: tuple | None = None
-    packed_min_rows = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed
-        if packed is not None and x.numel() >= self.packed_min_rows * x.shape[-1] and \
-                x.dtype == self.weight.dtype and _key(self.weight) == self.packed_key:
+        if packed is not None and x.dtype == self.weight.dtype and _key(self.weight) == self.packed_key:
             return _packed_linear(x, packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -125,7 +117,6 @@ def pack_linears(model: nn.Module, use: bool) -> int:
         if isinstance(m, Linear):
             if use:
                 m.packed, m.packed_key = _pack(m.weight), _key(m.weight)
-                m.packed_min_rows = min_rows(m.weight)
                 total += m.weight.numel() * m.weight.element_size()
             else:
                 m.packed = m.packed_key = None
