@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fabric.config import load_config
 from fabric.errors import ConfigError
 from fabric.model import load_model
-from fabric.model.linear import Linear, onednn_works, pack_linears
+from fabric.model.linear import Linear, bucket_rows, onednn_works, pack_linears
 
 needs_onednn = pytest.mark.skipif(not onednn_works(torch.float32),
                                   reason="torch's oneDNN cannot run packed linears here")
@@ -41,6 +41,25 @@ def test_packed_linear_matches_f_linear(dtype, tol, rows, bias):
     assert layer.packed is not None
     assert got.dtype == dtype and got.shape == (rows, 96)
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_row_buckets_bound_the_shapes_onednn_meets():
+    buckets = {bucket_rows(n) for n in range(1, 4097)}
+    assert all(bucket_rows(n) >= n for n in range(1, 4097))
+    assert [bucket_rows(n) for n in (1, 2, 3, 5, 64, 65, 130, 512, 513, 4095)] == \
+        [1, 2, 4, 8, 64, 128, 192, 512, 768, 4096]
+    assert len(buckets) == 28
+
+
+@needs_onednn
+def test_padded_rows_and_other_shapes_give_f_linear_values():
+    layer = packed_layer(40, 24, True, torch.float32, seed=9)
+    g = torch.Generator().manual_seed(10)
+    for shape in ((3, 24), (65, 24), (2, 5, 24)):            # padded to 4, 128; 3-d input
+        x = torch.randn(*shape, generator=g)
+        got = layer(x)
+        assert got.shape == (*shape[:-1], 40)
+        torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
 
 
 @needs_onednn
