@@ -49,7 +49,7 @@ def bucket_rows(rows: int) -> int:
     """The row count a packed call runs at: a power of two up to 64, a multiple of 64 up to
     512, of 256 beyond. oneDNN builds (and keeps) a primitive, code and buffers, for every row
     count it meets, about half a megabyte each; serving meets every count from 1 to the step's
-    token budget, and one instance grew by 650 MB over 400 of them. Padded to these buckets a
+    token budget, and one engine grew by 650 MB over 400 of them. Padded to these buckets a
     step of up to 4096 tokens meets at most 28 per weight shape, for a few percent more
     arithmetic on rows that are mostly memory-bound anyway."""
     if rows <= 64:
