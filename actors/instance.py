@@ -91,7 +91,6 @@ class InstanceActor(HandoffMixin, TransportHost):
             self._phase("constructing")
         self.weights: dict = {}
         self.engine = self._build_engine()
-        self.packing = self.engine.model.left_to_pack > 0
         self._phase("loading the tokenizer")
         self._attach_tokenizer()
         self._phase("starting its threads")
@@ -407,9 +406,8 @@ class InstanceActor(HandoffMixin, TransportHost):
         self.parked.clear()
         self._maybe_fault("engine_loop")
         self._admit()
-        if self.packing:      # the linear weights' oneDNN copies, a few at a time, in this thread
-            self.packing = not self.engine.model.pack_some(
-                PACK_BUSY_S if self.engine.has_unfinished() else PACK_IDLE_S)
+        if self.engine.model.left_to_pack:   # the linears' oneDNN copies, a few at a time, here
+            self.engine.model.pack_some(PACK_BUSY_S if self.engine.has_unfinished() else PACK_IDLE_S)
         if not self.engine.has_unfinished():
             self._release_idle_spares()
             self.wake.wait(0.05)
