@@ -38,6 +38,11 @@ def _key(w: torch.Tensor) -> tuple:
     return w.data_ptr(), version, w.dtype
 
 
+def _current(key: tuple | None, weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a copy packed when `weight` had `key` still describes it, for input `x`."""
+    return key is not None and x.dtype == weight.dtype and _key(weight) == key
+
+
 def _pack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
 
@@ -97,7 +102,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed
-        if packed is not None and x.dtype == self.weight.dtype and _key(self.weight) == self.packed_key:
+        if packed is not None and _current(self.packed_key, self.weight, x):
             return _packed_linear(x, packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -111,7 +116,7 @@ class PackedWeight:
         self.nbytes = weight.numel() * weight.element_size()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.dtype == weight.dtype and _key(weight) == self.key:
+        if _current(self.key, weight, x):
             return _packed_linear(x, self.packed, None)
         return F.linear(x, weight)
 
